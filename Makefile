@@ -1,0 +1,24 @@
+# The two commands a newcomer runs: `make demo` and `make test`. Both create .venv if missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test clean
+
+$(BIN)/loralab: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: this takes the CPU wheel where one is provided locally.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(BIN)/loralab
+
+demo: $(BIN)/loralab
+	HF_HUB_OFFLINE=1 $(BIN)/python examples/make_example_dataset.py examples/build/dataset
+	HF_HUB_OFFLINE=1 $(BIN)/loralab plan examples/person_sd15.toml --train-data examples/build/dataset/img
+
+test: $(BIN)/loralab
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 -q
+
+clean:
+	rm -rf $(VENV) examples/build

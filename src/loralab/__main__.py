@@ -1,0 +1,5 @@
+import sys
+
+from loralab.cli.main import main
+
+sys.exit(main())

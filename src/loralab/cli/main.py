@@ -1,0 +1,55 @@
+"""``loralab`` entry point: builds the sub-command parser and turns user errors into one line.
+
+Each sub-command lives in its own module in this package and exposes
+``register(subparsers) -> None``; the parser it adds carries ``func=run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from loralab import __version__
+from loralab.errors import LoralabError
+
+# Sub-command modules, in the order ``loralab --help`` lists them.
+COMMAND_MODULES = ("plan", "config_cmd", "lora_cmd", "debug")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loralab",
+        description="Train, generate with, and compare LoRA adapters for SD1.x and SDXL.",
+    )
+    parser.add_argument("--version", action="version", version=f"loralab {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"loralab.cli.{name}")
+        except ModuleNotFoundError as exc:  # a command whose module is not written yet
+            if exc.name == f"loralab.cli.{name}":
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except LoralabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
