@@ -15,7 +15,7 @@ $(BIN)/loralab: pyproject.toml
 
 demo: $(BIN)/loralab
 	HF_HUB_OFFLINE=1 $(BIN)/python examples/make_example_dataset.py examples/build/dataset
-	HF_HUB_OFFLINE=1 $(BIN)/loralab plan examples/person_sd15.toml --train-data examples/build/dataset/img
+	HF_HUB_OFFLINE=1 $(BIN)/loralab plan examples/person_sd15.json --train-data examples/build/dataset/img
 
 test: $(BIN)/loralab
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 -q

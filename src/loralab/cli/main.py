@@ -14,7 +14,7 @@ from loralab import __version__
 from loralab.errors import LoralabError
 
 # Sub-command modules, in the order ``loralab --help`` lists them.
-COMMAND_MODULES = ("plan", "config_cmd", "lora_cmd", "debug")
+COMMAND_MODULES = ("plan", "prepare", "config_cmd", "lora_cmd", "debug")
 
 
 def build_parser() -> argparse.ArgumentParser:
