@@ -195,9 +195,16 @@ def test_resize_dynamic_picks_ranks_per_module(capsys, workdir: Path) -> None:
     assert resized.metadata["ss_network_dim"] == "Dynamic"
 
 
-def test_resize_rejects_missing_target(capsys, tiny_loras: dict[str, Path], workdir: Path) -> None:
-    code, _, err = run_cli(capsys, "lora", "resize", tiny_loras["sd15"], "--out", workdir / "never.safetensors")
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [([], "--rank N or --dynamic"), (["--rank", 8], "lowers no module"), (["--dynamic", "sv_fro=2"], "(0, 1]")],
+)
+def test_resize_refuses_unusable_targets(capsys, options, message, tiny_loras, workdir: Path) -> None:
+    out = workdir / "never.safetensors"
+    code, _, err = run_cli(capsys, "lora", "resize", tiny_loras["sd15"], *options, "--out", out)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert message in err
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,11 +278,15 @@ def test_extract_clamps_factors_to_the_quantile() -> None:
     assert not torch.equal(clamped.up, exact.up)
 
 
-def test_extract_refuses_checkpoints_of_different_families(capsys, workdir: Path, tiny_checkpoints) -> None:
+def test_extract_and_merge_refuse_other_families(capsys, workdir: Path, tiny_checkpoints, tiny_loras) -> None:
     out = workdir / "mixed.safetensors"
     code, _, err = run_cli(capsys, "lora", "extract", tiny_checkpoints["sd15"], tiny_checkpoints["sdxl"], "--rank", 4, "--out", out)
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ")
     assert "SD1.x" in err and "SDXL" in err
+    assert not out.exists()
+
+    code, _, err = run_cli(capsys, "lora", "merge", tiny_checkpoints["sd15"], tiny_loras["sdxl"], "--out", out)
+    assert code == 2 and err.count("\n") == 1 and "SD1.x" in err and "SDXL" in err
     assert not out.exists()
 
 

@@ -22,13 +22,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from loralab.errors import LoraFileError
 
 # The commands import torch-heavy modules (diffusers, transformers) inside ``run_*`` so that
 # ``loralab --help`` and the other command groups start without paying for them.
-SAVE_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SAVE_PRECISIONS = ("bf16", "fp16", "fp32")
 _PART_OF_PREFIX = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te"))
 
 
@@ -47,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("loras", nargs="+", metavar="LORA[:W]", help="LoRA file, optionally with its strength (default 1)")
     merge.add_argument("--out", type=Path, required=True, help="merged checkpoint to write (.safetensors)")
     merge.add_argument(
-        "--save-precision", choices=sorted(SAVE_PRECISIONS), help="precision of the saved weights (default: the checkpoint's)"
+        "--save-precision", choices=SAVE_PRECISIONS, help="precision of the saved weights (default: the checkpoint's)"
     )
     merge.set_defaults(func=run_merge)
 
@@ -62,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     resize.add_argument("--out", type=Path, required=True, help="resized LoRA file to write")
     resize.add_argument(
-        "--save-precision", choices=sorted(SAVE_PRECISIONS), help="precision of the saved weights (default: the input's)"
+        "--save-precision", choices=SAVE_PRECISIONS, help="precision of the saved weights (default: the input's)"
     )
     resize.set_defaults(func=run_resize)
 
@@ -85,7 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="skip the text encoder(s) when no weight changed by more than this (default 0.01, as sd-scripts)",
     )
     extract.add_argument("--out", type=Path, required=True, help="LoRA file to write")
-    extract.add_argument("--save-precision", choices=sorted(SAVE_PRECISIONS), default="fp32", help="default fp32")
+    extract.add_argument("--save-precision", choices=SAVE_PRECISIONS, default="fp32", help="default fp32")
     extract.set_defaults(func=run_extract)
 
     convert = commands.add_parser("convert", help="convert a LoRA between kohya and PEFT (diffusers) format")
@@ -197,6 +196,8 @@ def parse_lora_weight(text: str) -> tuple[Path, float]:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    import torch
+
     from loralab.models.loading import inspect_checkpoint, load_checkpoint
     from loralab.network.lora_file import read_lora_file
     from loralab.network.merge import LoraUse, merge_loras, save_merged_checkpoint
@@ -206,7 +207,7 @@ def run_merge(args: argparse.Namespace) -> int:
         path, weight = parse_lora_weight(text)
         uses.append(LoraUse(read_lora_file(path), multiplier=weight))
     if args.save_precision:
-        dtype = SAVE_PRECISIONS[args.save_precision]
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.save_precision]
     else:
         stored = inspect_checkpoint(args.checkpoint).dtypes.get("unet", "float16")
         dtype = getattr(torch, stored, torch.float16)
