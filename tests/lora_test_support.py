@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from functools import cache
 
+import torch
+from torch import nn
+
+from loralab.models.architecture import build_empty_model, bundled_config
 from loralab.models.family import ModelFamily
 from loralab.network.lora import LoRANetwork, NetworkSpec
 
@@ -31,7 +36,7 @@ def random_network(components, spec: NetworkSpec = LOCON_SPEC, seed: int = 1, st
 def model_outputs(components, seed: int = 0) -> dict[str, torch.Tensor]:
     """Text-encoder hidden states and one UNet prediction for fixed random inputs."""
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 49408, (2, 8), generator=generator)
+    ids = torch.randint(0, 49408, (1, 6), generator=generator)
     outputs: dict[str, torch.Tensor] = {}
     states = []
     for index, encoder in enumerate(components.text_encoders):
@@ -40,10 +45,10 @@ def model_outputs(components, seed: int = 0) -> dict[str, torch.Tensor]:
         states.append(result.last_hidden_state)
         if getattr(result, "text_embeds", None) is not None:
             outputs[f"text_embeds_{index}"] = result.text_embeds
-    sample = torch.randn(2, 4, 16, 16, generator=generator)
+    sample = torch.randn(1, 4, 8, 8, generator=generator)
     extra = {}
     if components.family is ModelFamily.SDXL:
-        time_ids = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]).repeat(2, 1)
+        time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
         extra["added_cond_kwargs"] = {"text_embeds": outputs["text_embeds_1"], "time_ids": time_ids}
     outputs["unet"] = components.unet(sample, 10, encoder_hidden_states=torch.cat(states, dim=-1), **extra).sample
     return outputs
@@ -53,3 +58,22 @@ def max_difference(first: dict[str, torch.Tensor], second: dict[str, torch.Tenso
     """Largest absolute difference per output."""
     assert first.keys() == second.keys()
     return {key: (first[key] - second[key]).abs().max().item() for key in first}
+
+
+@dataclass
+class MetaComponents:
+    """Full-size, weightless modules of one family: all that target discovery and LoRA loading need."""
+
+    family: ModelFamily
+    unet: nn.Module
+    text_encoders: list[nn.Module]
+
+
+@cache
+def full_size(family: ModelFamily) -> MetaComponents:
+    """The published architecture of ``family`` on the meta device (shapes only, built in a second)."""
+    encoders = [
+        build_empty_model("text_encoder", bundled_config(family, spec.config_name), spec)
+        for spec in family.spec.text_encoders
+    ]
+    return MetaComponents(family, build_empty_model("unet", bundled_config(family, "unet")), encoders)

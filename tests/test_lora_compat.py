@@ -26,7 +26,7 @@ from loralab.models.family import ModelFamily
 from loralab.models.tiny import build_tiny_components
 from loralab.network.lora import NetworkSpec
 from loralab.network.lora_file import build_lora_metadata, read_lora_file, save_lora_file
-from loralab.network.merge import LoraUse, apply_loras, merge_loras
+from loralab.network.merge import LoraUse, apply_loras, merge_loras, remove_loras
 
 TOLERANCE = 1e-5
 TINY = ("sd15", "sdxl")
@@ -119,23 +119,24 @@ def lora_key_problems(
 
 
 @dataclass
-class LoraFiles:
-    first: Path  # conv LoRA, rank 4 alpha 2.5, conv rank 3 alpha 1.5
-    second: Path  # plain LoRA, rank 2 alpha 3
+class TinySetup:
+    tiny: str
+    files: dict[str, Path]  # "first": conv LoRA, rank 4 alpha 2.5, conv rank 3 alpha 1.5; "second": rank 2 alpha 3
     base_outputs: dict[str, torch.Tensor]
+    shared_base: object  # one loaded model that every scenario applies its LoRAs to and removes them from
 
 
 @pytest.fixture(scope="module", params=TINY)
-def lora_files(request, tmp_path_factory) -> LoraFiles:
+def setup(request, tmp_path_factory) -> TinySetup:
     tiny = request.param
     components = build_tiny_components(tiny, seed=0)
     folder = tmp_path_factory.mktemp(f"loras-{tiny}")
-    paths = []
+    files = {}
     for name, spec, seed in (("first", LOCON_SPEC, 1), ("second", NetworkSpec(rank=2, alpha=3.0), 2)):
         network = random_network(components, spec, seed=seed)
         metadata = build_lora_metadata(family=components.family, network=spec, title=name)
-        paths.append(save_lora_file(folder / f"{name}.safetensors", network.state_dict(), metadata, "fp32"))
-    return LoraFiles(paths[0], paths[1], model_outputs(components))
+        files[name] = save_lora_file(folder / f"{name}.safetensors", network.state_dict(), metadata, "fp32")
+    return TinySetup(tiny, files, model_outputs(components), components)
 
 
 def part_weights(components, unet: float, text_encoder: float) -> dict[str, float]:
@@ -159,12 +160,11 @@ SCENARIOS = {
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_diffusers_loads_our_file_and_agrees_with_our_apply_and_merge(lora_files: LoraFiles, scenario: str) -> None:
+def test_diffusers_loads_our_file_and_agrees_with_our_apply_and_merge(setup: TinySetup, scenario: str) -> None:
     adapters, weights, uses_spec = SCENARIOS[scenario]
-    tiny = "sdxl" if "text_encoder_1" in lora_files.base_outputs else "sd15"
-    paths = {"first": lora_files.first, "second": lora_files.second}
+    paths = setup.files
 
-    reference = build_tiny_components(tiny, seed=0)
+    reference = build_tiny_components(setup.tiny, seed=0)
     pipeline = make_pipeline(reference)
     problems = []
     for name in adapters:
@@ -179,14 +179,18 @@ def test_diffusers_loads_our_file_and_agrees_with_our_apply_and_merge(lora_files
     assert problems == []
     expected = model_outputs(reference)
     # The LoRA must visibly change every output, or agreeing would prove nothing.
-    assert min(max_difference(expected, lora_files.base_outputs).values()) > 1e-2
+    assert min(max_difference(expected, setup.base_outputs).values()) > 1e-2
 
     uses = [LoraUse(read_lora_file(paths[name]), **kwargs) for name, kwargs in uses_spec]
-    applied = build_tiny_components(tiny, seed=0)
-    apply_loras(applied, uses)
-    assert max(max_difference(model_outputs(applied), expected).values()) <= TOLERANCE
+    # Applied LoRAs switch on one loaded base model: apply, compare, remove, and the base is back.
+    networks = apply_loras(setup.shared_base, uses)
+    try:
+        assert max(max_difference(model_outputs(setup.shared_base), expected).values()) <= TOLERANCE
+    finally:
+        remove_loras(networks)
+    assert max(max_difference(model_outputs(setup.shared_base), setup.base_outputs).values()) == 0.0
 
-    merged = build_tiny_components(tiny, seed=0)
+    merged = build_tiny_components(setup.tiny, seed=0)
     merge_loras(merged, uses)
     assert max(max_difference(model_outputs(merged), expected).values()) <= TOLERANCE
 

@@ -46,6 +46,13 @@ def tiny(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def loaded(tiny):
+    """The tiny model loaded from its single file and from its diffusers folder (read-only use)."""
+    _, single, folder = tiny
+    return load_checkpoint(single), load_checkpoint(folder)
+
+
+@pytest.fixture(scope="module")
 def sd15_file(tmp_path_factory):
     return make_tiny("sd15", "single-file", tmp_path_factory.mktemp("sd15") / "sd15.safetensors", seed=3)
 
@@ -81,10 +88,10 @@ def _denoise_once(components) -> tuple[torch.Tensor, torch.Tensor]:
 # Tiny models: both formats load into the same modules
 
 
-def test_single_file_and_diffusers_folder_load_the_same_model(tiny):
-    name, single, folder = tiny
+def test_single_file_and_diffusers_folder_load_the_same_model(tiny, loaded):
+    name = tiny[0]
     family, v_prediction = TINY[name]
-    a, b = load_checkpoint(single), load_checkpoint(folder)
+    a, b = loaded
     for loaded in (a, b):
         assert loaded.family is family and loaded.v_prediction is v_prediction
         assert loaded.noise_scheduler.config.prediction_type == ("v_prediction" if v_prediction else "epsilon")
@@ -101,22 +108,26 @@ def test_single_file_and_diffusers_folder_load_the_same_model(tiny):
     assert not torch.allclose(_denoise_once(other)[0], pred_a)
 
 
-def test_diffusers_own_single_file_reader_round_trips_our_files(tiny):
+def test_diffusers_own_single_file_reader_round_trips_our_files(tiny, loaded):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     name, single, folder = tiny
     pipeline_class = StableDiffusionXLPipeline if name == "sdxl" else StableDiffusionPipeline
     theirs = pipeline_class.from_single_file(str(single), config=str(folder), local_files_only=True)
-    ours = load_checkpoint(folder)
+    ours = loaded[1]
     their_encoders = [theirs.text_encoder] + ([theirs.text_encoder_2] if name == "sdxl" else [])
-    for model_a, model_b in [(theirs.unet, ours.unet), (theirs.vae, ours.vae), *zip(their_encoders, ours.text_encoders)]:
+    for model_a, model_b in [
+        (theirs.unet, ours.unet),
+        (theirs.vae, ours.vae),
+        *zip(their_encoders, ours.text_encoders),
+    ]:
         assert _state_dicts_equal(model_a, model_b), type(model_a).__name__
 
 
-def test_tokenizers_pad_as_each_text_encoder_expects(tiny):
-    name, single, _ = tiny
-    pads = [t.pad_token_id for t in load_checkpoint(single).tokenizers]
-    assert pads == {"sd15": [49407], "sd2v": [0], "sdxl": [49407, 0]}[name]
+def test_tokenizers_pad_as_each_text_encoder_expects(tiny, loaded):
+    expected = {"sd15": [49407], "sd2v": [0], "sdxl": [49407, 0]}[tiny[0]]
+    for components in loaded:  # built in for the single file, the folder's own for diffusers
+        assert [t.pad_token_id for t in components.tokenizers] == expected
 
 
 def test_sdxl_tiny_keeps_the_real_block_structure(tmp_path):
@@ -159,6 +170,15 @@ def test_ckpt_loads_through_weights_only_unpickling(sd15_file, tmp_path):
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": read_state_dict(sd15_file), "global_step": 3, "epoch": 1}, ckpt)
     assert _state_dicts_equal(load_checkpoint(ckpt).unet, load_checkpoint(sd15_file).unet)
+
+
+def test_files_are_read_by_content_not_by_name(sd15_file, tmp_path):
+    state = read_state_dict(sd15_file)
+    (tmp_path / "renamed.ckpt").write_bytes(sd15_file.read_bytes())
+    torch.save(state, tmp_path / "pickled.safetensors")
+    for path in (tmp_path / "renamed.ckpt", tmp_path / "pickled.safetensors"):
+        reread = read_state_dict(path)
+        assert reread.keys() == state.keys() and all(torch.equal(reread[k], state[k]) for k in state)
 
 
 def test_dtype_and_legacy_position_ids(sd15_file, tmp_path):
@@ -217,11 +237,17 @@ def test_full_size_layouts_round_trip_and_give_back_the_published_configs(family
     assert detect_family(ldm) is family
 
     def same_layout(converted, original):
-        return converted.keys() == original.keys() and all(converted[k].shape == original[k].shape for k in original)
+        return converted.keys() == original.keys() and all(
+            converted[k].shape == original[k].shape for k in original
+        )
 
     # Our original-layout writer is inverted exactly by diffusers' readers...
-    assert same_layout(unet_ldm_to_diffusers({k: v for k, v in ldm.items() if k.startswith(LDM_UNET_PREFIX)}, unet_cfg), unet)
-    assert same_layout(vae_ldm_to_diffusers({k: v for k, v in ldm.items() if k.startswith(LDM_VAE_PREFIX)}, vae_cfg), vae)
+    assert same_layout(
+        unet_ldm_to_diffusers({k: v for k, v in ldm.items() if k.startswith(LDM_UNET_PREFIX)}, unet_cfg), unet
+    )
+    assert same_layout(
+        vae_ldm_to_diffusers({k: v for k, v in ldm.items() if k.startswith(LDM_VAE_PREFIX)}, vae_cfg), vae
+    )
     for encoder, state in zip(encoders, tes):
         assert same_layout(text_encoder_ldm_to_diffusers(ldm, encoder), state)
     # ...and the sizes read back from the shapes rebuild the published configs.
@@ -252,7 +278,9 @@ def test_sd2_files_last_openclip_layer_is_left_out():
 def test_sgm_names_of_sdxl_unet_modules():
     config = bundled_config(ModelFamily.SDXL, "unet")
     expected = {
-        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (
+            "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+        ),
         "down_blocks.2.attentions.1.proj_in": "input_blocks.8.1.proj_in",
         "down_blocks.0.downsamplers.0.conv": "input_blocks.3.0.op",
         "down_blocks.0.resnets.1.conv1": "input_blocks.2.0.in_layers.2",
@@ -278,16 +306,22 @@ def test_family_detection_without_text_encoders():
 @pytest.mark.slow
 def test_full_size_sd15_single_file_loads_and_is_detected(tmp_path):
     path = write_random_full_size(ModelFamily.SD1, tmp_path / "sd15-full.safetensors", dtype=torch.float16)
-    info = inspect_checkpoint(path)
-    assert info.family is ModelFamily.SD1 and info.dtypes["unet"] == "float16"
-    assert info.parameter_counts["unet"] == 859_520_964  # the published SD1.5 UNet size
-    loaded = load_checkpoint(path, dtype=torch.float16)
-    assert loaded.family is ModelFamily.SD1 and not loaded.v_prediction
-    assert loaded.unet.config.block_out_channels == [320, 640, 1280, 1280]
-    assert loaded.text_encoders[0].config.hidden_size == 768 and loaded.unet.dtype == torch.float16
-    with safe_open(str(path), "pt") as handle:  # weights land where they belong
-        stored = handle.get_tensor("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-    assert torch.equal(loaded.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight, stored)
+    try:
+        info = inspect_checkpoint(path)
+        assert info.family is ModelFamily.SD1 and info.dtypes["unet"] == "float16"
+        assert info.parameter_counts["unet"] == 859_520_964  # the published SD1.5 UNet size
+        loaded = load_checkpoint(path, dtype=torch.float16)
+        assert loaded.family is ModelFamily.SD1 and not loaded.v_prediction
+        assert loaded.unet.config.block_out_channels == [320, 640, 1280, 1280]
+        assert loaded.text_encoders[0].config.hidden_size == 768 and loaded.unet.dtype == torch.float16
+        key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+        with safe_open(str(path), "pt") as handle:  # weights land where they belong
+            stored = handle.get_tensor(key)
+        assert torch.equal(
+            loaded.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight, stored
+        )
+    finally:
+        path.unlink()  # 2 GB: do not leave it among pytest's kept temporary folders
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +345,11 @@ def _bad_inputs(tmp_path, sd15_file):
     lora["lora_unet_down_blocks_0_attentions_0_proj_in.alpha"] = torch.tensor(4.0)
     save_file(lora, tmp_path / "my_lora.safetensors")
     save_file({"foo.weight": torch.zeros(2), "bar.bias": torch.zeros(2)}, tmp_path / "unknown.safetensors")
-    vae_only = {k.removeprefix(LDM_VAE_PREFIX): v for k, v in read_state_dict(sd15_file).items() if k.startswith(LDM_VAE_PREFIX)}
+    vae_only = {
+        k.removeprefix(LDM_VAE_PREFIX): v
+        for k, v in read_state_dict(sd15_file).items()
+        if k.startswith(LDM_VAE_PREFIX)
+    }
     save_file(vae_only, tmp_path / "a_vae.safetensors")
     torch.save({"state_dict": {}, "payload": _RunsCodeWhenUnpickled(tmp_path / "pwned")}, tmp_path / "evil.ckpt")
     return {

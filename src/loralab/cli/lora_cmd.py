@@ -43,7 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     merge = commands.add_parser("merge", help="merge LoRAs into a checkpoint and save it as one .safetensors file")
     merge.add_argument("checkpoint", type=Path, help="base checkpoint: single file or diffusers folder")
-    merge.add_argument("loras", nargs="+", metavar="LORA[:W]", help="LoRA file, optionally with its strength (default 1)")
+    merge.add_argument(
+        "loras", nargs="+", metavar="LORA[:W]", help="LoRA file, optionally with its strength (default 1)"
+    )
     merge.add_argument("--out", type=Path, required=True, help="merged checkpoint to write (.safetensors)")
     merge.add_argument(
         "--save-precision", choices=SAVE_PRECISIONS, help="precision of the saved weights (default: the checkpoint's)"

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from loralab import __version__
 from loralab.errors import LoralabError
 
 # Sub-command modules, in the order ``loralab --help`` lists them.
-COMMAND_MODULES = ("plan", "prepare", "config_cmd", "lora_cmd", "debug")
+COMMAND_MODULES = ("plan", "prepare", "cache", "config_cmd", "lora_cmd", "debug")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_library_output() -> None:
+    """Keep the libraries' own chatter (per-file progress bars, optional-backend notices) off the
+    user's terminal; loralab prints its own progress. Users can still raise the levels by setting
+    the variables themselves."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any, Literal
 
@@ -30,7 +30,7 @@ from loralab.models.family import FamilySpec, ModelFamily, TextEncoderSpec
 # Bundled configs
 
 
-@lru_cache(maxsize=None)
+@cache
 def _read_bundled(name: str) -> dict[str, Any]:
     text = resources.files("loralab.models").joinpath(f"configs/{name}.json").read_text("utf-8")
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
@@ -87,7 +87,9 @@ class TextEncoderSizes:
 
 def _shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
     if key not in state:
-        raise CheckpointError(f"checkpoint is missing tensor '{key}'; the file is incomplete or of an unknown layout")
+        raise CheckpointError(
+            f"checkpoint is missing tensor '{key}'; the file is incomplete or of an unknown layout"
+        )
     return tuple(state[key].shape)
 
 

@@ -36,13 +36,17 @@ _SAFETENSORS_DTYPES = {
 
 
 def _is_pickle_file(path: Path) -> bool:
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
-        return True
-    # A torch archive renamed .safetensors still has to go through the safe unpickler. Both torch
-    # formats (zip, and the legacy stream that opens with a pickled magic number) start with bytes
-    # that, read as a safetensors header length, would be absurdly large.
+    """Whether to read ``path`` with the (weights-only) unpickler rather than safetensors.
+
+    Decided by content first, so renamed files go to the right reader: safetensors starts
+    with an 8-byte header length followed by a JSON object; torch files start with a zip
+    signature or, in the legacy format, a pickled magic number.
+    """
     with path.open("rb") as handle:
-        return handle.read(8).startswith((b"PK\x03\x04", _LEGACY_TORCH_MAGIC))
+        head = handle.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return False
+    return head.startswith((b"PK\x03\x04", _LEGACY_TORCH_MAGIC)) or path.suffix.lower() in _PICKLE_SUFFIXES
 
 
 def _unsafe_pickle_error(path: Path, exc: Exception) -> CheckpointError:
@@ -92,13 +96,15 @@ class CheckpointFile:
 
     def _load_pickle(self) -> dict[str, torch.Tensor]:
         try:
-            loaded = torch.load(self.path, map_location="cpu", weights_only=True)
+            # A file object, not a path: torch.load would hand a *.safetensors name to safetensors.
+            with self.path.open("rb") as handle:
+                loaded = torch.load(handle, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             if "Unsupported global" in str(exc) or "Weights only load failed" in str(exc):
                 raise _unsafe_pickle_error(self.path, exc) from None
             raise CheckpointError(f"{self.path} is not a readable checkpoint (corrupt pickle data)") from None
         except (RuntimeError, EOFError, ValueError, OSError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            first = str(exc).splitlines()[0].split(". ")[0] if str(exc) else type(exc).__name__
             raise CheckpointError(
                 f"{self.path} is not a readable checkpoint ({first[:120]}); it may be truncated or corrupt"
             ) from None
@@ -132,7 +138,9 @@ class CheckpointFile:
         try:
             return {k: self._safetensors.get_tensor(k) for k in keys}
         except SafetensorError as exc:
-            raise CheckpointError(f"{self.path} is corrupt ({str(exc).splitlines()[0]}); download it again") from None
+            raise CheckpointError(
+                f"{self.path} is corrupt ({str(exc).splitlines()[0]}); download it again"
+            ) from None
 
     def read_prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
         """Load every tensor whose name starts with ``prefix`` (names kept whole)."""

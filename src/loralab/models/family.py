@@ -72,12 +72,8 @@ class FamilySpec:
         return max(1, hidden_size // self.text_encoder_head_channels)
 
 
-_CLIP_L_SD1 = TextEncoderSpec(
-    "cond_stage_model.transformer.", "hf_clip", False, True, "text_encoder", "tokenizer"
-)
-_OPEN_CLIP_H = TextEncoderSpec(
-    "cond_stage_model.model.", "open_clip", False, False, "text_encoder", "tokenizer"
-)
+_CLIP_L_SD1 = TextEncoderSpec("cond_stage_model.transformer.", "hf_clip", False, True, "text_encoder", "tokenizer")
+_OPEN_CLIP_H = TextEncoderSpec("cond_stage_model.model.", "open_clip", False, False, "text_encoder", "tokenizer")
 _CLIP_L_SDXL = TextEncoderSpec(
     "conditioner.embedders.0.transformer.", "hf_clip", False, True, "text_encoder", "tokenizer"
 )
@@ -151,5 +147,7 @@ def describe_non_checkpoint(keys: list[str]) -> str | None:
         return "holds one diffusers model's weights; pass the whole diffusers folder (with model_index.json)"
     if not has_unet:
         preview = ", ".join(sorted(keys)[:3]) or "no tensors at all"
-        return f"is not a Stable Diffusion checkpoint: no UNet weights ({LDM_UNET_PREFIX}*) found (keys: {preview})"
+        return (
+            f"is not a Stable Diffusion checkpoint: no UNet weights ({LDM_UNET_PREFIX}*) found (keys: {preview})"
+        )
     return None

@@ -96,7 +96,9 @@ class CheckpointInfo:
 # Building components
 
 
-def _fill(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, what: str, source: Path) -> None:
+def _fill(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, what: str, source: Path
+) -> None:
     """Assign ``state`` (consumed) as ``model``'s weights, cast to ``dtype``; one-line error on mismatch."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -109,8 +111,9 @@ def _fill(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.d
             if names
         ]
         raise CheckpointError(f"{what} weights in {source} do not fit its architecture: {', '.join(problems)}")
-    for key in list(state):
-        state[key] = state[key].to(dtype)  # replaces, so the source-precision copy can be freed
+    for key, tensor in state.items():
+        if tensor.is_floating_point():
+            state[key] = tensor.to(dtype)  # replaces, so the source-precision copy can be freed
     model.load_state_dict(state, strict=True, assign=True)
     state.clear()
     model.eval()
@@ -154,7 +157,9 @@ def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
 
 def _parameter_counts(info: CheckpointInfo) -> dict[str, int]:
     """Parameters per component, counted on empty (meta) models."""
-    parts: dict[str, tuple[str, Mapping[str, Any], TextEncoderSpec | None]] = {"unet": ("unet", info.unet_config, None)}
+    parts: dict[str, tuple[str, Mapping[str, Any], TextEncoderSpec | None]] = {
+        "unet": ("unet", info.unet_config, None)
+    }
     if info.vae_config is not None:
         parts["vae"] = ("vae", info.vae_config, None)
     for encoder, config in zip(info.family.spec.text_encoders, info.text_encoder_configs):
@@ -175,7 +180,10 @@ def _single_file_info(checkpoint: CheckpointFile, v_parameterization: bool | Non
     problem = describe_non_checkpoint(list(meta))
     if problem:
         raise CheckpointError(f"{source} {problem}")
-    family = detect_family(meta)
+    try:
+        family = detect_family(meta)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
     stored = True if V_PREDICTION_MARKER in meta else None
     v_prediction = _resolve_v_prediction(family, v_parameterization, stored, source)
 
@@ -197,7 +205,9 @@ def _single_file_info(checkpoint: CheckpointFile, v_parameterization: bool | Non
         stored_dtypes = {v.dtype for k, v in meta.items() if k.startswith(prefix)}
         if stored_dtypes:
             dtypes[name] = "/".join(sorted(str(d).removeprefix("torch.") for d in stored_dtypes))
-    return CheckpointInfo(source, "single-file", family, v_prediction, unet_cfg, vae_cfg, te_configs, dtypes=dtypes)
+    return CheckpointInfo(
+        source, "single-file", family, v_prediction, unet_cfg, vae_cfg, te_configs, dtypes=dtypes
+    )
 
 
 def _load_single_file(
@@ -214,7 +224,13 @@ def _load_single_file(
         vae = None
         if info.vae_config is not None and need_vae:
             vae = build_empty_model("vae", info.vae_config)
-            _fill(vae, vae_ldm_to_diffusers(checkpoint.read_prefixed(LDM_VAE_PREFIX), info.vae_config), dtype, "VAE", path)
+            _fill(
+                vae,
+                vae_ldm_to_diffusers(checkpoint.read_prefixed(LDM_VAE_PREFIX), info.vae_config),
+                dtype,
+                "VAE",
+                path,
+            )
         text_encoders = []
         for encoder, config in zip(info.family.spec.text_encoders, info.text_encoder_configs):
             model = build_empty_model("text_encoder", config, encoder)
@@ -255,23 +271,35 @@ def _diffusers_info(folder: Path, v_parameterization: bool | None) -> Checkpoint
     encoders = family.spec.text_encoders
     te_configs = [_read_json(folder / e.config_name / "config.json") for e in encoders]
     named = {"unet": unet_cfg, "vae": vae_cfg, **{e.config_name: c for e, c in zip(encoders, te_configs)}}
-    dtypes = {name: str(c.get("torch_dtype") or c.get("dtype")) for name, c in named.items() if c.get("torch_dtype") or c.get("dtype")}
+    dtypes = {
+        name: str(c.get("torch_dtype") or c.get("dtype"))
+        for name, c in named.items()
+        if c.get("torch_dtype") or c.get("dtype")
+    }
     return CheckpointInfo(folder, "diffusers", family, v_prediction, unet_cfg, vae_cfg, te_configs, dtypes=dtypes)
 
 
 def _clip_config_args(config: Mapping[str, Any]) -> dict[str, Any]:
     """CLIPTextConfig arguments from a saved config.json (drops bookkeeping keys)."""
-    return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "transformers_version")}
+    return {
+        k: v
+        for k, v in config.items()
+        if not k.startswith("_") and k not in ("architectures", "transformers_version")
+    }
 
 
 def _pretrained(cls: Any, folder: Path, subfolder: str, dtype: torch.dtype) -> Any:
     """``cls.from_pretrained`` of one subfolder, offline, with a one-line error."""
-    files = [p.name for p in (folder / subfolder).glob("*.safetensors")] + [p.name for p in (folder / subfolder).glob("*.bin")]
+    files = [p.name for p in (folder / subfolder).glob("*.safetensors")] + [
+        p.name for p in (folder / subfolder).glob("*.bin")
+    ]
     # Folders saved with only half-precision variants (``*.fp16.safetensors``) need the variant named.
     variant = "fp16" if files and all(".fp16." in name for name in files) else None
     dtype_arg = {"torch_dtype": dtype} if cls in (UNet2DConditionModel, AutoencoderKL) else {"dtype": dtype}
     try:
-        return cls.from_pretrained(str(folder), subfolder=subfolder, local_files_only=True, variant=variant, **dtype_arg)
+        return cls.from_pretrained(
+            str(folder), subfolder=subfolder, local_files_only=True, variant=variant, **dtype_arg
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"cannot load {subfolder} from diffusers folder {folder}: {first[:160]}") from None
@@ -301,7 +329,11 @@ def _scheduler_overrides(info: CheckpointInfo) -> dict[str, Any]:
 
 
 def load_vae(
-    path: Path | str, family: ModelFamily, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: Path | str,
+    family: ModelFamily,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> AutoencoderKL:
     """Load a VAE override: a single file with original VAE keys (with or without the
     ``first_stage_model.`` prefix, e.g. ``vae-ft-mse-840000-ema-pruned.safetensors``, or a full
@@ -309,15 +341,19 @@ def load_vae(
     Raises ``CheckpointError`` for anything else.
     """
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"VAE not found: {path}")
     if path.is_dir():
-        for folder, subfolder in ((path, ""), (path, "vae")):
-            if (folder / subfolder / "config.json").is_file():
-                return _pretrained(AutoencoderKL, folder, subfolder, dtype).to(device)
+        for subfolder in ("", "vae"):
+            if (path / subfolder / "config.json").is_file():
+                return _pretrained(AutoencoderKL, path, subfolder, dtype).to(device)
         raise CheckpointError(f"VAE folder {path} has no config.json (nor vae/config.json)")
     with CheckpointFile(path) as checkpoint:
         keys = checkpoint.keys()
         prefix = next((p for p in (LDM_VAE_PREFIX, "vae.") if any(k.startswith(p) for k in keys)), "")
-        vae_keys = [k for k in keys if k.startswith(prefix) and k[len(prefix) :].startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))]  # fmt: skip
+        # Only the autoencoder itself: VAE files may also carry EMA copies or training-loss weights.
+        parts = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+        vae_keys = [k for k in keys if k.startswith(prefix) and k[len(prefix) :].startswith(parts)]
         if not any(k[len(prefix) :].startswith("encoder.down.") for k in vae_keys):
             if is_lora_keys(keys):
                 raise CheckpointError(f"{path} is a LoRA file, not a VAE; pass it with --lora")
@@ -331,7 +367,9 @@ def load_vae(
     return vae.to(device)
 
 
-def _tokenizers(family: ModelFamily, model_folder: Path | None, tokenizer_path: Path | None) -> list[CLIPTokenizer]:
+def _tokenizers(
+    family: ModelFamily, model_folder: Path | None, tokenizer_path: Path | None
+) -> list[CLIPTokenizer]:
     """One tokenizer per text encoder: from ``tokenizer_path``, the diffusers folder, or built in."""
     tokenizers = []
     for encoder in family.spec.text_encoders:

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
@@ -18,6 +19,9 @@ from loralab.errors import CheckpointError
 from loralab.models.family import ModelFamily
 from loralab.models.loading import StableDiffusionComponents
 from loralab.models.single_file import to_single_file_state_dict
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 
 def single_file_state_dict(components: StableDiffusionComponents) -> dict[str, torch.Tensor]:
@@ -58,8 +62,9 @@ def save_single_file(
     return path
 
 
-def _pipeline(components: StableDiffusionComponents):  # noqa: ANN202 - a diffusers pipeline
+def _pipeline(components: StableDiffusionComponents) -> DiffusionPipeline:
     """The diffusers pipeline object that owns the folder layout (model_index.json and subfolders)."""
+    # Imported here: the pipeline modules pull in far more than loading needs.
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if components.family is ModelFamily.SDXL:

@@ -154,13 +154,25 @@ def _vae_module_map(config: Mapping[str, Any]) -> ModuleMap:
         for index in range(2):
             table[f"{side}.mid_block.resnets.{index}"] = (f"{side}.mid.block_{index + 1}", _VAE_RESNET)
     for level in range(levels):
-        table[f"encoder.down_blocks.{level}.downsamplers.0.conv"] = (f"encoder.down.{level}.downsample.conv", _NO_LEAVES)
+        table[f"encoder.down_blocks.{level}.downsamplers.0.conv"] = (
+            f"encoder.down.{level}.downsample.conv",
+            _NO_LEAVES,
+        )
         # The decoder's up blocks run from the lowest resolution; the original numbers them from the highest.
         original = levels - 1 - level
-        table[f"decoder.up_blocks.{level}.upsamplers.0.conv"] = (f"decoder.up.{original}.upsample.conv", _NO_LEAVES)
+        table[f"decoder.up_blocks.{level}.upsamplers.0.conv"] = (
+            f"decoder.up.{original}.upsample.conv",
+            _NO_LEAVES,
+        )
         for layer in range(int(config["layers_per_block"]) + 1):
-            table[f"encoder.down_blocks.{level}.resnets.{layer}"] = (f"encoder.down.{level}.block.{layer}", _VAE_RESNET)
-            table[f"decoder.up_blocks.{level}.resnets.{layer}"] = (f"decoder.up.{original}.block.{layer}", _VAE_RESNET)
+            table[f"encoder.down_blocks.{level}.resnets.{layer}"] = (
+                f"encoder.down.{level}.block.{layer}",
+                _VAE_RESNET,
+            )
+            table[f"decoder.up_blocks.{level}.resnets.{layer}"] = (
+                f"decoder.up.{original}.block.{layer}",
+                _VAE_RESNET,
+            )
     return table
 
 

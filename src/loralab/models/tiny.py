@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -51,7 +51,9 @@ TINY_MODELS: dict[str, tuple[ModelFamily, bool]] = {
 
 _VOCAB, _POSITIONS = 49408, 77
 # Four levels like the real VAE, so images map to latents at 1/8 of their size.
-_TINY_VAE = VaeSizes(in_channels=3, out_channels=3, block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4)
+_TINY_VAE = VaeSizes(
+    in_channels=3, out_channels=3, block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4
+)
 
 
 def _tiny_text_encoder(hidden: int, projection: bool) -> TextEncoderSizes:
@@ -82,7 +84,7 @@ def tiny_sizes(family: ModelFamily) -> tuple[UNetSizes, VaeSizes, list[TextEncod
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
-        attention_levels=(True, False),  # SD1/SD2: attention everywhere but the lowest level
+        attention_levels=(True, False),  # as SD1/SD2: no attention at the lowest resolution
         transformer_depth=(1, 1),
         mid_transformer_depth=1,
         cross_attention_dim=32,
@@ -178,7 +180,12 @@ def _write_safetensors_streaming(
 
 
 def write_random_full_size(
-    family: ModelFamily, out: Path | str, *, v_prediction: bool = False, dtype: torch.dtype = torch.float16, seed: int = 0
+    family: ModelFamily,
+    out: Path | str,
+    *,
+    v_prediction: bool = False,
+    dtype: torch.dtype = torch.float16,
+    seed: int = 0,
 ) -> Path:
     """Write a randomly filled full-size single-file checkpoint of ``family`` (published sizes).
 
@@ -204,7 +211,9 @@ def write_random_full_size(
     handle, temp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(handle)
     try:
-        _write_safetensors_streaming(Path(temp), shapes, lambda key: _fill_values(shapes[key][0], pool, offsets[key]))
+        _write_safetensors_streaming(
+            Path(temp), shapes, lambda key: _fill_values(shapes[key][0], pool, offsets[key])
+        )
         os.replace(temp, out)
     finally:
         if os.path.exists(temp):

@@ -64,25 +64,19 @@ def _empty_components(family: ModelFamily, unet_config: Mapping, text_encoder_co
     return _EmptyModel(family, build_empty_model("unet", unet_config), encoders)
 
 
-def layer_table(family: ModelFamily, checkpoint: str | Path | None = None) -> tuple[dict[str, LoraTarget], dict]:
-    """Kohya name -> layer (conv layers included) and the UNet config, for a model of ``family``.
+def family_layers(family: ModelFamily) -> dict[str, LoraTarget]:
+    """Kohya name -> layer (conv layers included) of the family's full-size published architecture."""
+    configs = [bundled_config(family, spec.config_name) for spec in family.spec.text_encoders]
+    model = _empty_components(family, bundled_config(family, "unet"), configs)
+    return find_lora_target_details(model, conv=True)
 
-    With ``checkpoint`` the table is that checkpoint's real architecture (read from names and
-    shapes, no weights); else the family's full-size published one. Raises ``LoraFileError`` when
-    the checkpoint is of another family.
-    """
-    if checkpoint is not None:
-        info = inspect_checkpoint(checkpoint)
-        if info.family != family:
-            raise LoraFileError(
-                f"the LoRA is for {family_label(family)} but {Path(checkpoint).name} is {family_label(info.family)}; "
-                "pass a checkpoint of the LoRA's family"
-            )
-        model = _empty_components(family, info.unet_config, info.text_encoder_configs)
-    else:
-        configs = [bundled_config(family, spec.config_name) for spec in family.spec.text_encoders]
-        model = _empty_components(family, bundled_config(family, "unet"), configs)
-    return find_lora_target_details(model, conv=True), dict(model.unet.config)
+
+def checkpoint_layers(checkpoint: str | Path) -> tuple[ModelFamily, dict[str, LoraTarget], dict]:
+    """(family, kohya name -> layer, UNet config) of a checkpoint's architecture, read from tensor
+    names and shapes only (no weights). Raises ``CheckpointError`` for unreadable checkpoints."""
+    info = inspect_checkpoint(checkpoint)
+    model = _empty_components(info.family, info.unet_config, info.text_encoder_configs)
+    return info.family, find_lora_target_details(model, conv=True), dict(model.unet.config)
 
 
 def kohya_to_peft(lora: LoraFile, targets: Mapping[str, LoraTarget]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -180,13 +174,13 @@ def convert_lora_file(
 
     ``checkpoint``: a model of the LoRA's family whose architecture names the layers (needed only
     for models that are not full-size SD1/SD2/SDXL). Tensors keep their dtype. Returns the source
-    as read. Raises ``LoraFileError`` for unreadable input, an unknown family, or unmatched modules.
+    as read. Raises ``LoraFileError`` for unreadable input, an unknown family, a checkpoint of
+    another family, or unmatched modules; ``CheckpointError`` for an unreadable checkpoint.
     """
     targets: dict[str, LoraTarget] | None = None
     unet_config = None
     if checkpoint is not None:
-        family = inspect_checkpoint(checkpoint).family
-        targets, unet_config = layer_table(family, checkpoint)
+        family, targets, unet_config = checkpoint_layers(checkpoint)
     lora = read_lora_file(source, unet_config=unet_config)
     if checkpoint is not None:
         check_family(lora, family)
@@ -199,7 +193,7 @@ def convert_lora_file(
             f"cannot tell which model family {lora.label} is for; pass a checkpoint of its family with --checkpoint"
         )
     if targets is None:
-        targets, _ = layer_table(lora.family)
+        targets = family_layers(lora.family)
     tensors, metadata = kohya_to_peft(lora, targets)
     write_safetensors_atomically(Path(target), tensors, metadata)
     return lora

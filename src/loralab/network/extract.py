@@ -7,11 +7,13 @@ rank-``r`` approximation of the delta. This follows sd-scripts' ``networks/extra
 
 - ``clamp_quantile=Q``: after the SVD, the entries of up and down (together) are clamped to
   ``[-h, h]`` with ``h`` the ``Q`` quantile of those entries (sd-scripts' default and ours: 0.99).
-  It trims outliers that overflow fp16 at the cost of a less exact delta; ``None`` turns it off.
+  It trims the few largest entries at the cost of a less exact delta; ``None`` turns it off.
 - ``min_diff=D``: when no text-encoder weight differs by more than ``D`` (absolute, sd-scripts'
   default 0.01), the tuned model is taken to share the base's text encoder(s) and only the UNet is
   extracted. The UNet is always extracted, module for module.
-- A rank larger than a module's smaller dimension is cut to that dimension.
+- A rank larger than the delta's smaller dimension (for a 3x3 conv: of its ``out x in*9`` matrix)
+  is cut to that dimension; sd-scripts cuts conv ranks at ``in`` channels already.
+- The SVD is exact (``torch.linalg.svd``); sd-scripts' extract also uses the full SVD.
 """
 
 from __future__ import annotations
@@ -96,7 +98,9 @@ class ExtractResult:
         """One line: modules per part and the mean Frobenius norm kept."""
         unet = sum(name.startswith("lora_unet_") for name in self.modules)
         mean_kept = sum(m.fro_retained for m in self.modules.values()) / max(1, len(self.modules))
-        te = "text encoder unchanged, skipped" if self.text_encoder_skipped else f"{len(self.modules) - unet} text encoder"
+        te = f"{len(self.modules) - unet} text encoder"
+        if self.text_encoder_skipped:
+            te = "text encoder unchanged, skipped"
         return f"{unet} UNet modules, {te}; mean Frobenius norm kept {mean_kept:.1%}"
 
 
@@ -150,7 +154,9 @@ def extract_lora(
     largest_te_change = max((float(delta(name).abs().max()) for name in text_encoder_names), default=0.0)
     skip_text_encoder = largest_te_change <= min_diff
     if skip_text_encoder and text_encoder_names:
-        logger.info("text encoder weights differ by at most %g (<= %g): extracting the UNet only", largest_te_change, min_diff)
+        logger.info(
+            "text encoder weights differ by at most %g (<= %g): extracting the UNet only", largest_te_change, min_diff
+        )
 
     modules: dict[str, ExtractedModule] = {}
     tensors: dict[str, Tensor] = {}
@@ -167,7 +173,8 @@ def extract_lora(
         tensors[f"{name}.alpha"] = torch.tensor(extracted.alpha)
 
     # Alpha = rank everywhere (scale 1): the factors carry the delta's full size, as in sd-scripts.
-    spec = NetworkSpec(rank=rank, alpha=float(rank), conv_rank=conv_rank, conv_alpha=None if conv_rank is None else float(conv_rank))
+    conv_alpha = None if conv_rank is None else float(conv_rank)
+    spec = NetworkSpec(rank=rank, alpha=float(rank), conv_rank=conv_rank, conv_alpha=conv_alpha)
     metadata = build_lora_metadata(family=base.family, network=spec, title=title, v_prediction=v_prediction)
     metadata.setdefault("ss_network_args", "{}")  # sd-scripts' extract always writes its (maybe empty) args
     metadata["ss_training_comment"] = _extraction_comment(rank, conv_rank, clamp_quantile, skip_text_encoder)
@@ -178,7 +185,9 @@ def _check_settings(rank: int, conv_rank: int | None, clamp_quantile: float | No
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise LoraFileError(f"extract ranks must be at least 1 (rank {rank}, conv rank {conv_rank})")
     if clamp_quantile is not None and not 0.0 < clamp_quantile <= 1.0:
-        raise LoraFileError(f"the clamp quantile must be in (0, 1], got {clamp_quantile}; use none to turn clamping off")
+        raise LoraFileError(
+            f"the clamp quantile must be in (0, 1], got {clamp_quantile}; use none to turn clamping off"
+        )
 
 
 def _extraction_comment(rank: int, conv_rank: int | None, clamp_quantile: float | None, te_skipped: bool) -> str:

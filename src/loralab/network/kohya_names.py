@@ -151,7 +151,7 @@ def parse_foreign_key(key: str) -> ForeignKey | None:
         if key == body:  # neither a component prefix nor PEFT's wrapper prefix
             return None
         # A bare PEFT adapter: only the module path tells which model it was made for.
-        component = "text_encoder" if body.startswith("text_model.") else "unet"
+        component = "text_encoder" if body.startswith(("text_model.", "encoder.layers.")) else "unet"
     for pattern, role in _ROLE_PATTERNS:
         if m := pattern.search(body):
             path = body[: m.start()]

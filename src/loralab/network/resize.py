@@ -66,15 +66,20 @@ class RankRule:
 
     def __post_init__(self) -> None:
         if self.method is None and self.rank is None:
-            raise LoraFileError("resize needs a target rank or a dynamic method: give --rank N or --dynamic METHOD=VALUE")
+            raise LoraFileError(
+                "resize needs a target rank or a dynamic method: give --rank N or --dynamic METHOD=VALUE"
+            )
         for name, value in (("rank", self.rank), ("conv rank", self.conv_rank)):
             if value is not None and value < 1:
                 raise LoraFileError(f"the {name} must be at least 1, got {value}")
         if self.method is not None:
             if self.method not in DYNAMIC_METHODS:
-                raise LoraFileError(f"unknown dynamic resize method {self.method!r}: use one of {', '.join(DYNAMIC_METHODS)}")
+                raise LoraFileError(
+                    f"unknown dynamic resize method {self.method!r}: use one of {', '.join(DYNAMIC_METHODS)}"
+                )
             if self.param is None or not math.isfinite(self.param) or self.param <= 0:
-                raise LoraFileError(f"{self.method} needs a positive value, e.g. {self.method}={_EXAMPLE_PARAM[self.method]}")
+                example = f"{self.method}={_EXAMPLE_PARAM[self.method]}"
+                raise LoraFileError(f"{self.method} needs a positive value, e.g. {example}")
             if self.method != "sv_ratio" and self.param > 1:
                 raise LoraFileError(f"{self.method} is a fraction in (0, 1], got {self.param}")
 
@@ -102,7 +107,9 @@ def parse_dynamic(text: str) -> tuple[DynamicMethod, float]:
     method, sep, value = text.partition("=")
     method = method.strip()
     if not sep or method not in DYNAMIC_METHODS:
-        raise LoraFileError(f"--dynamic takes METHOD=VALUE with METHOD one of {', '.join(DYNAMIC_METHODS)}, got {text!r}")
+        raise LoraFileError(
+            f"--dynamic takes METHOD=VALUE with METHOD one of {', '.join(DYNAMIC_METHODS)}, got {text!r}"
+        )
     try:
         param = float(value)
     except ValueError:
@@ -350,7 +357,8 @@ def resize_lora_file(
     *,
     save_dtype: torch.dtype | str | None = None,
 ) -> ResizeResult:
-    """Read ``source``, resize it under ``rule`` and write ``target`` atomically.
+    """Read ``source`` (kohya or PEFT format), resize it under ``rule`` and write ``target``
+    atomically in kohya format.
 
     ``save_dtype`` (``"fp16"``, ``"bf16"``, ``"fp32"`` or a torch dtype) defaults to the dtype of the
     source's weights. The hashes (``sshs_*``) are recomputed for the new tensors by the writer.
