@@ -8,6 +8,7 @@ shared, and a tiny VAE is faster on one thread than fighting for two.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,6 @@ from loralab.data.latent_cache import (
     default_cache_dir,
     draw_latents,
     encode_distribution,
-    latents_from_images,
 )
 from loralab.data.text_cache import TextEncoderCache
 from loralab.data.transforms import to_tensor, training_pixels
@@ -138,7 +138,8 @@ def test_runs_differing_only_in_rank_share_every_latent(dataset_dir: Path, tmp_p
     vae = tiny_vae()
     assert cache.fill(vae, rank_4.latent_requests()).encoded == len(keys)
     assert cache.fill(vae, rank_32.latent_requests()).encoded == 0
-    assert all(cache.has(key) for key in rank_32.with_latent_cache(cache)._latent_keys.values())
+    assert all(cache.has(key) for key in cache.keys_for(rank_32.latent_requests()))
+    assert rank_32.with_latent_cache(cache).batch(1, 0).latents is not None
 
     # What does change the crop does change the key (so the check above can fail).
     other = TrainingDataset.from_config(small_config(dataset_dir, network_dim=4, flip_aug=True, bucket_no_upscale=True))
@@ -210,18 +211,29 @@ def test_cached_batches_match_encoding_the_pixels(dataset_dir: Path, tmp_path: P
             assert torch.equal(with_latents.flipped, with_pixels.flipped)
             flips_seen.update(with_latents.flipped.tolist())
             # Same posterior, same seeds, same scaling: an uncached run draws the same latents.
-            expected = latents_from_images(vae, with_pixels.images, seeds=with_pixels.latent_seeds)
-            assert torch.allclose(with_latents.latents, expected, atol=1e-5)
+            expected = with_pixels.latents_for(vae)
+            assert torch.allclose(with_latents.latents_for(vae), expected, atol=1e-5)
     assert flips_seen == {False, True}
-    # A fresh draw each epoch for the same image.
-    first, second = cached.batch(1, 0), cached.batch(2, 0)
-    assert not torch.equal(first.latents, second.latents) or first.paths != second.paths
+
+    # Each epoch draws a fresh latent of the same image (same path, same flip, other epoch).
+    def latents_by_image(epoch):
+        found = {}
+        for batch in cached.iter_epoch(epoch):
+            for path, flipped, latent in zip(batch.paths, batch.flipped.tolist(), batch.latents):
+                found.setdefault((path, flipped), latent)
+        return found
+
+    first, second = latents_by_image(1), latents_by_image(2)
+    shared = set(first) & set(second)
+    assert shared
+    for image in shared:
+        assert first[image].shape == second[image].shape and not torch.equal(first[image], second[image])
 
 
 def test_mean_mode_batches_are_the_scaled_means(dataset_dir: Path, tmp_path: Path) -> None:
     vae = tiny_vae()
-    dataset = TrainingDataset.from_config(small_config(dataset_dir))
-    dataset.options = type(dataset.options)(**{**dataset.options.__dict__, "latent_sampling": "mean"})
+    found = TrainingDataset.from_config(small_config(dataset_dir))
+    dataset = TrainingDataset(found.info, found.bucket_manager, replace(found.options, latent_sampling="mean"))
     cache = LatentCache.for_vae(vae, root=tmp_path / "cache")
     cache.fill(vae, dataset.latent_requests())
     batch = dataset.with_latent_cache(cache).batch(1, 0)

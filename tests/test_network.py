@@ -129,7 +129,10 @@ def test_sgm_names_round_trip_for_every_full_size_sdxl_target() -> None:
 )
 def test_diffusers_and_peft_keys_are_located(key, expected) -> None:
     parsed = parse_foreign_key(key)
-    assert (parsed.component, parsed.module_path, parsed.role) == expected if expected else parsed is None
+    if expected is None:
+        assert parsed is None
+    else:
+        assert (parsed.component, parsed.module_path, parsed.role) == expected
 
 
 # --- the LoRA module -----------------------------------------------------------------------------------

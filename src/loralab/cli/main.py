@@ -15,7 +15,7 @@ from loralab import __version__
 from loralab.errors import LoralabError
 
 # Sub-command modules, in the order ``loralab --help`` lists them.
-COMMAND_MODULES = ("plan", "prepare", "cache", "config_cmd", "lora_cmd", "debug")
+COMMAND_MODULES = ("plan", "prepare", "cache", "train", "config_cmd", "lora_cmd", "debug")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `loralab ... | head` closed the pipe: stop quietly, as other command-line tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from loralab.data.buckets import Bucket, BucketManager, Resolution, Sample, batches_per_epoch, epoch_samples, fill_buckets
 from loralab.data.discovery import DatasetInfo, discover_dataset
-from loralab.data.latent_cache import LatentCache, LatentRequest, LatentSampling
+from loralab.data.latent_cache import LatentCache, LatentRequest, LatentSampling, latents_from_images
 from loralab.data.transforms import (
     CaptionOptions,
     CropGeometry,
@@ -103,7 +103,11 @@ class DatasetOptions:
 
 @dataclass
 class Batch:
-    """One batch: images or latents, captions, loss weights and SDXL size conditioning."""
+    """One batch: images or latents, captions, loss weights and SDXL size conditioning.
+
+    ``latents_for(vae)`` gives the UNet's input either way: the cached latents, or the images
+    encoded now and drawn with the same per-sample seeds a cached run would use.
+    """
 
     epoch: int
     index: int  # position of the batch in its epoch
@@ -118,9 +122,17 @@ class Batch:
     paths: tuple[Path, ...]
     images: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1] when latents are not cached
     latents: torch.Tensor | None = None  # (B, C, H/8, W/8), scaled, when they are
+    latent_sampling: LatentSampling = "sample"
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    def latents_for(self, vae: Any) -> torch.Tensor:
+        """Scaled latents ``(B, C, H/8, W/8)``: the cached ones, else ``images`` encoded with ``vae``."""
+        if self.latents is not None:
+            return self.latents
+        assert self.images is not None
+        return latents_from_images(vae, self.images, seeds=self.latent_seeds, mode=self.latent_sampling)
 
     def sdxl_time_ids(self) -> torch.Tensor:
         """SDXL's ``time_ids`` ``(B, 6)``: original (h, w), crop (top, left), target (h, w)."""
@@ -237,6 +249,7 @@ class TrainingDataset:
             target_sizes_hw=torch.tensor([s.target_hw for s in sizes], dtype=torch.long),
             latent_seeds=tuple(latent_seeds),
             paths=tuple(self.samples[i].image.path for i in members),
+            latent_sampling=options.latent_sampling,
         )
         if self.latent_cache is not None:
             batch.latents = self.latent_cache.draw(keys, seeds=latent_seeds, mode=options.latent_sampling)

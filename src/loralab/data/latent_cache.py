@@ -158,11 +158,14 @@ def weights_identity(
     except (OSError, UnicodeDecodeError):
         pass
     digest = state_dict_digest(module)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=".memo.", suffix=".tmp", dir=memo.parent)
-    with os.fdopen(handle, "w", encoding="ascii") as file:
-        file.write(digest)
-    os.replace(temp, memo)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(prefix=".memo.", suffix=".tmp", dir=memo.parent)
+        with os.fdopen(handle, "w", encoding="ascii") as file:
+            file.write(digest)
+        os.replace(temp, memo)
+    except OSError:
+        pass  # a read-only cache still works; the digest is just computed again next time
     return digest
 
 
@@ -171,11 +174,12 @@ def weights_identity(
 
 
 def encode_distribution(vae: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE posterior ``(mean, logvar)`` of images ``(B, 3, H, W)`` in [-1, 1], as float32 on CPU."""
+    """The VAE posterior ``(mean, logvar)`` of images ``(B, 3, H, W)`` in [-1, 1], as float32
+    on the VAE's device."""
     parameter = next(vae.parameters())
     with torch.no_grad():
         distribution = vae.encode(images.to(parameter.device, parameter.dtype)).latent_dist
-    return distribution.mean.float().cpu(), distribution.logvar.float().cpu()
+    return distribution.mean.float(), distribution.logvar.float()
 
 
 def draw_latents(
@@ -333,7 +337,13 @@ class LatentCache:
             "vae": self.vae_id,
             "dtype": self.dtype,
         }
-        write_safetensors_atomic(self.path_for(key), {"mean": mean, "logvar": logvar}, metadata)
+        try:
+            write_safetensors_atomic(self.path_for(key), {"mean": mean, "logvar": logvar}, metadata)
+        except OSError as exc:
+            raise DatasetError(
+                f"cannot write to the latent cache {self.root}: {exc.strerror or exc}; free some space "
+                f"or pass another folder with --cache-dir"
+            ) from exc
 
     def fill(
         self, vae: Any, requests: Iterable[LatentRequest], *, batch_size: int = 4, progress: bool = False

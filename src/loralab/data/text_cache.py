@@ -23,6 +23,7 @@ caching wrong; the config refuses that combination (``cache_text_encoder_outputs
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,12 @@ def tokenizer_identity(tokenizer: Any) -> str:
     hasher = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        hasher.update(backend.to_str().encode())
+        serialised = json.loads(backend.to_str())
+        # Padding and truncation are per-call settings that each call leaves behind on the
+        # backend; tokenize_captions passes its own, so they are not part of the identity.
+        serialised.pop("padding", None)
+        serialised.pop("truncation", None)
+        hasher.update(sha256_json(serialised).encode())
     else:  # a slow tokenizer: its vocabulary (merges are not exposed uniformly)
         hasher.update(sha256_json(sorted(tokenizer.get_vocab().items())).encode())
     specials = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.model_max_length]
@@ -160,6 +166,8 @@ class TextEncoderCache:
 
     def encode(self, captions: Sequence[str], *, dtype: torch.dtype | None = None) -> TextConditioning:
         """Conditioning for ``captions``, as ``encode_text`` would give, on the encoders' device."""
+        if not captions:
+            raise ValueError("encode needs at least one caption")
         keys = [self.key_for(caption) for caption in captions]
         missing: dict[str, str] = {}
         for caption, key in zip(captions, keys):

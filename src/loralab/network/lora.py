@@ -306,7 +306,7 @@ class LoRANetwork(nn.Module):
         if unmatched:
             message = (
                 f"{lora_file.label}: {len(unmatched)} LoRA entries match no layer of this "
-                f"{components.family} checkpoint (e.g. {', '.join(unmatched[:3])}); "
+                f"{family_label(components.family)} checkpoint (e.g. {', '.join(unmatched[:3])}); "
                 "check that the LoRA was made for this kind of model"
             )
             if strict:

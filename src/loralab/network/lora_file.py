@@ -186,9 +186,9 @@ def _check_safetensors_container(path: Path) -> None:
             raise LoraFileError(f"{path.name} is truncated ({size} bytes, its header alone needs {8 + header_size})")
         try:
             header = json.loads(first + handle.read(header_size - 1))
-        except ValueError as exc:
+            ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
             raise LoraFileError(f"{path.name} is not a safetensors file (unreadable header)") from exc
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
     needed = 8 + header_size + max(ends, default=0)
     if needed > size:
         raise LoraFileError(f"{path.name} is truncated ({size} of {needed} bytes); download or copy it again")

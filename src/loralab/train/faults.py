@@ -78,11 +78,11 @@ class StopSignals:
                 signal.signal(signum, handler)
 
 
-def non_finite_message(*, global_step: int, epoch: int, loss: float, last_save: str | None) -> str:
+def non_finite_message(*, global_step: int, epoch: int, last_save: str | None) -> str:
     """The one-line message of a run stopped by a non-finite loss."""
     kept = f"the last good LoRA is {last_save}" if last_save else "nothing was saved yet"
     return (
-        f"loss became {loss} at step {global_step} (epoch {epoch}); the run stopped before updating the "
+        f"loss became NaN or infinite at step {global_step} (epoch {epoch}); the run stopped before updating the "
         f"weights and {kept}; lower the learning rate, use bf16 instead of fp16, or set "
         f"--on-non-finite skip to drop such steps"
     )

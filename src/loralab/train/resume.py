@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -85,4 +86,4 @@ def changed_totals(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
 
 def resume_hint(run_dir: Path) -> str:
     """The command that resumes the run in ``run_dir``."""
-    return f"loralab train {run_dir / 'config.toml'} --resume {run_dir}"
+    return f"loralab train {shlex.quote(str(run_dir / 'config.toml'))} --resume {shlex.quote(str(run_dir))}"
