@@ -32,7 +32,7 @@ from loralab.data.transforms import to_tensor, training_pixels
 from loralab.errors import DatasetError
 from loralab.models.architecture import vae_config
 from loralab.models.family import ModelFamily
-from loralab.models.loading import load_vae
+from loralab.models.loading import load_checkpoint, load_vae
 from loralab.models.tiny import build_tiny_components, make_tiny, tiny_sizes
 from loralab.train.conditioning import encode_text, tokenize_captions
 
@@ -116,6 +116,12 @@ def test_cache_encodes_only_what_changed(capsys, dataset_dir: Path, checkpoints,
     assert run_cache(capsys, dataset_dir, checkpoints[0], cache_dir) == f"{n} cached, 0 encoded"
     leftovers = [p for p in cache_dir.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
+
+    # Training loads the whole checkpoint, not just its VAE: it finds every latent the CLI cached.
+    components = load_checkpoint(checkpoints[0])
+    cache = LatentCache.for_vae(components.vae, source=checkpoints[0], root=cache_dir)
+    dataset = TrainingDataset.from_config(small_config(dataset_dir))
+    assert all(cache.has(key) for key in cache.keys_for(dataset.latent_requests()))
 
 
 def test_cache_with_flip_aug_stores_mirrored_entries_and_reads_a_prepare_folder(capsys, tmp_path: Path, checkpoints) -> None:

@@ -439,18 +439,23 @@ def test_dry_run_prints_the_same_table_and_writes_nothing(small_source, tmp_path
 
 def test_rerun_into_a_finished_output_gives_the_same_folder(small_source, tmp_path, capsys):
     out = tmp_path / "dataset"
-    assert run_cli(capsys, "prepare", small_source, out, *SMALL_ARGS, "--caption", "token")[0] == 0
+    args = (*SMALL_ARGS, "--caption", "token", "--face-focus", "off")  # framing is not the point here
+    assert run_cli(capsys, "prepare", small_source, out, *args)[0] == 0
     first = tree_digest(out)
-    assert run_cli(capsys, "prepare", small_source, out, *SMALL_ARGS, "--caption", "token")[0] == 0
+    assert run_cli(capsys, "prepare", small_source, out, *args)[0] == 0
     assert tree_digest(out) == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset", "photos"]  # nothing left beside it
+    captions = sorted(out.glob(f"{TRAIN_FOLDER}/*.caption"))
+    assert len(captions) == 3 and {c.read_text(encoding="utf-8") for c in captions} == {f"{TOKEN} {CLASS}\n"}
 
 
 def test_a_failed_run_leaves_no_partial_output(small_source, tmp_path, monkeypatch):
     from loralab.data.prepare import runner
 
     out = tmp_path / "dataset"
-    options = PrepareOptions(TOKEN, CLASS, resolution=RESOLUTION, min_size=MIN_SIZE, workers=1, progress=False)
+    options = PrepareOptions(
+        TOKEN, CLASS, resolution=RESOLUTION, min_size=MIN_SIZE, face_focus=False, workers=1, progress=False
+    )
     prepare_dataset(small_source, out, options)
     finished = tree_digest(out)
     calls = []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_test_support import full_size
+from lora_test_support import full_size, one_thread  # one_thread: autouse
 from safetensors import safe_open
 
 from loralab.models.family import ModelFamily

@@ -81,6 +81,10 @@ class TrainConfig(BaseModel):
     bucket_no_upscale: bool = Field(False, description="Never upscale an image to fit a bucket.")
     shuffle_caption: bool = Field(False, description="Shuffle comma-separated caption tags each time.")
     keep_tokens: int = Field(0, ge=0, description="Leading caption tags kept in place when shuffling.")
+    keep_tokens_separator: str = Field(
+        "", description="Tags before this separator stay in place when shuffling (overrides keep_tokens)."
+    )
+    caption_separator: str = Field(",", description="Separator between caption tags for shuffling and dropout.")
     caption_dropout_rate: float = Field(
         0.0, **_RATIO, description="Probability of training a sample with an empty caption."
     )
@@ -95,6 +99,14 @@ class TrainConfig(BaseModel):
     max_token_length: Literal[75, 150, 225] = Field(75, description="Caption tokens per text-encoder pass.")
     cache_latents: bool = Field(False, description="Encode every image with the VAE once and keep the latents.")
     cache_latents_to_disk: bool = Field(False, description="Cache latents on disk (implies cache_latents).")
+    latent_sampling: Literal["sample", "mean"] = Field(
+        "sample",
+        description="Per epoch, draw a fresh latent from the cached VAE distribution, or use its mean "
+        "(sd-scripts caches one draw and reuses it).",
+    )
+    cache_dir: Path | None = Field(
+        None, description="Latent and text-encoder cache folder shared across runs (default: user cache dir)."
+    )
     cache_text_encoder_outputs: bool = Field(
         False, description="Cache text-encoder outputs (needs network_train_unet_only and fixed captions)."
     )

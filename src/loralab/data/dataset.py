@@ -92,7 +92,7 @@ class DatasetOptions:
             flip_aug=config.flip_aug,
             color_aug=config.color_aug,
             random_crop=config.random_crop,
-            latent_sampling=getattr(config, "latent_sampling", None) or "sample",
+            latent_sampling=config.latent_sampling,
         )
 
     @property
