@@ -51,7 +51,9 @@ def build_sources(folder: Path, count: int, with_huge: bool) -> None:
     for index in range(count):
         canvas = Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8))
         size = int(rng.integers(450, 900))
-        photo = face.rotate(float(rng.uniform(-8, 8)), resample=Image.Resampling.BICUBIC, fillcolor=(128, 128, 128))
+        photo = face.rotate(
+            float(rng.uniform(-8, 8)), resample=Image.Resampling.BICUBIC, fillcolor=(128, 128, 128)
+        )
         if rng.random() < 0.5:
             photo = ImageOps.mirror(photo)
         photo = photo.resize((size, size), Image.Resampling.LANCZOS)
@@ -89,7 +91,18 @@ def _tree_rss_bytes(root_pid: int) -> int:
 
 def run_prepare(source: Path, out: Path, workers: int | None) -> tuple[float, int, int, str]:
     """Wall seconds, peak tree RSS, peak single-process RSS (bytes), and the table's summary line."""
-    command = [sys.executable, "-m", "loralab", "prepare", str(source), str(out), "--token", "blh", "--class", "woman"]
+    command = [
+        sys.executable,
+        "-m",
+        "loralab",
+        "prepare",
+        str(source),
+        str(out),
+        "--token",
+        "blh",
+        "--class",
+        "woman",
+    ]
     if workers:
         command += ["--workers", str(workers)]
     peak = 0
@@ -121,7 +134,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=100, help="number of 1024x1024 photos (default 100)")
     parser.add_argument("--workers", type=int, help="passed to prepare --workers (default: its own)")
-    parser.add_argument("--no-huge", action="store_true", help="leave out the 20000x20000 and 12000x9000 files")
+    parser.add_argument(
+        "--no-huge", action="store_true", help="leave out the 20000x20000 and 12000x9000 files"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="prepare-bench-") as temporary:
@@ -129,14 +144,19 @@ def main() -> None:
         source.mkdir()
         started = time.perf_counter()
         build_sources(source, args.images, not args.no_huge)
-        print(f"built {args.images} photos of {SIDE}x{SIDE}" + ("" if args.no_huge else " + 2 huge JPEGs")
-              + f" in {time.perf_counter() - started:.1f} s; {os.cpu_count()} CPU cores")
+        print(
+            f"built {args.images} photos of {SIDE}x{SIDE}"
+            + ("" if args.no_huge else " + 2 huge JPEGs")
+            + f" in {time.perf_counter() - started:.1f} s; {os.cpu_count()} CPU cores"
+        )
         elapsed, peak, largest, summary = run_prepare(source, out, args.workers)
 
     rate = args.images / elapsed
     print(f"prepare: {elapsed:.1f} s total, {rate:.2f} images/s (target < {TARGET_SECONDS:.0f} s)")
-    print(f"peak RSS, all processes together: {peak / 1024**2:.0f} MiB; largest single process: "
-          f"{largest / 1024**2:.0f} MiB (target < {TARGET_PEAK_BYTES / 1024**3:.1f} GiB)")
+    print(
+        f"peak RSS, all processes together: {peak / 1024**2:.0f} MiB; largest single process: "
+        f"{largest / 1024**2:.0f} MiB (target < {TARGET_PEAK_BYTES / 1024**3:.1f} GiB)"
+    )
     print(f"report: {summary}")
     ok = elapsed < TARGET_SECONDS and max(peak, largest) < TARGET_PEAK_BYTES
     print("within targets" if ok else "OUTSIDE TARGETS")

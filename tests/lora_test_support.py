@@ -14,6 +14,7 @@ from loralab.models.architecture import build_empty_model, bundled_config
 from loralab.models.family import ModelFamily
 from loralab.network.lora import LoRANetwork, NetworkSpec
 
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread() -> Iterator[None]:
     """Run tiny models on one thread (import this fixture into a test module to use it).

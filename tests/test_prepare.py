@@ -17,7 +17,6 @@ import hashlib
 import importlib.util
 import io
 import json
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from loralab.cli.main import main
-from loralab.data.prepare import PrepareError, PrepareOptions, prepare_dataset
+from loralab.data.prepare import PrepareOptions, prepare_dataset
 from loralab.data.prepare.box import Box
 from loralab.data.prepare.dedupe import NEAR_DUPLICATE_MAX_DISTANCE, hash_distance
 from loralab.data.prepare.faces import detect_faces
@@ -80,7 +79,12 @@ def _png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _encoded(image: Image.Image, fmt: str, **params: object) -> bytes:
@@ -104,7 +108,14 @@ def build_sources(root: Path) -> None:
     (root / "scenes").mkdir()
     (root / "bad" / "deeper").mkdir(parents=True)
 
-    def add(relative: str, data: bytes | Image.Image, status: str, *words: str, family: str | None = None, **params):
+    def add(
+        relative: str,
+        data: bytes | Image.Image,
+        status: str,
+        *words: str,
+        family: str | None = None,
+        **params,
+    ):
         path = root / relative
         if isinstance(data, Image.Image):
             data.save(path, **params)
@@ -116,24 +127,66 @@ def build_sources(root: Path) -> None:
 
     # Family "upright": the photo as shot, and conversions of it that frame the same face.
     add("faces/astronaut.png", astronaut, "family", "face crop", family="upright")
-    add("faces/astronaut_q80.jpg", _encoded(astronaut, "JPEG", quality=80), "family", "face crop", family="upright")
+    add(
+        "faces/astronaut_q80.jpg",
+        _encoded(astronaut, "JPEG", quality=80),
+        "family",
+        "face crop",
+        family="upright",
+    )
     rotated, exif = _with_exif_orientation(astronaut, 6)
-    add("faces/astronaut_exif6.jpg", rotated, "family", "rotated 90° clockwise (EXIF orientation 6)", "face crop",
-        family="upright", exif=exif, quality=95)
+    add(
+        "faces/astronaut_exif6.jpg",
+        rotated,
+        "family",
+        "rotated 90° clockwise (EXIF orientation 6)",
+        "face crop",
+        family="upright",
+        exif=exif,
+        quality=95,
+    )
     rgba = astronaut.convert("RGBA")
     alpha = np.full((512, 512), 255, np.uint8)
     alpha[480:, :] = 0  # a transparent strip below the crop
     rgba.putalpha(Image.fromarray(alpha))
-    add("faces/astronaut_rgba.png", rgba, "family", "composited transparency (RGBA) on white", family="upright")
-    add("faces/astronaut_cmyk.jpg", astronaut.convert("CMYK"), "family", "converted CMYK to RGB",
-        family="upright", quality=95)
-    gray16 = Image.fromarray((np.asarray(astronaut.convert("L")).astype(np.uint16) * 257))
-    add("faces/astronaut_gray16.png", gray16, "family", "converted 16-bit grayscale (I;16) to 8-bit RGB",
-        family="upright")
-    add("faces/astronaut_gray.png", astronaut.convert("L"), "family", "converted grayscale (L) to RGB",
-        family="upright")
+    add(
+        "faces/astronaut_rgba.png",
+        rgba,
+        "family",
+        "composited transparency (RGBA) on white",
+        family="upright",
+    )
+    add(
+        "faces/astronaut_cmyk.jpg",
+        astronaut.convert("CMYK"),
+        "family",
+        "converted CMYK to RGB",
+        family="upright",
+        quality=95,
+    )
+    gray16 = Image.fromarray(np.asarray(astronaut.convert("L")).astype(np.uint16) * 257)
+    add(
+        "faces/astronaut_gray16.png",
+        gray16,
+        "family",
+        "converted 16-bit grayscale (I;16) to 8-bit RGB",
+        family="upright",
+    )
+    add(
+        "faces/astronaut_gray.png",
+        astronaut.convert("L"),
+        "family",
+        "converted grayscale (L) to RGB",
+        family="upright",
+    )
     # Too small once framed: the face is found, but its head-and-shoulders crop is < MIN_SIZE.
-    add("faces/astronaut_small.png", astronaut.resize((200, 200)), "skipped", "face crop", "too small after cropping")
+    add(
+        "faces/astronaut_small.png",
+        astronaut.resize((200, 200)),
+        "skipped",
+        "face crop",
+        "too small after cropping",
+    )
     add("faces/astronaut_tiny.png", astronaut.resize((64, 64)), "skipped", "too small: 64x64 px")
 
     # Other framings of the face, each its own family (tilted or mirrored changes the crop).
@@ -141,11 +194,27 @@ def build_sources(root: Path) -> None:
     canvas.paste(ImageOps.mirror(astronaut).resize((700, 700)), (150, 120))
     add("faces/mirror_canvas.png", canvas, "kept", "face crop", "resized from", family="mirror")
     tilted_left, exif = _with_exif_orientation(_tilted(astronaut, 12), 8)
-    add("faces/tilt_left_exif8.jpg", tilted_left, "kept", "rotated 90° counter-clockwise (EXIF orientation 8)",
-        "face crop", family="tilt-left", exif=exif, quality=95)
+    add(
+        "faces/tilt_left_exif8.jpg",
+        tilted_left,
+        "kept",
+        "rotated 90° counter-clockwise (EXIF orientation 8)",
+        "face crop",
+        family="tilt-left",
+        exif=exif,
+        quality=95,
+    )
     tilted_right, exif = _with_exif_orientation(_tilted(astronaut, -12), 3)
-    add("faces/tilt_right_exif3.jpg", tilted_right, "kept", "rotated 180° (EXIF orientation 3)", "face crop",
-        family="tilt-right", exif=exif, quality=95)
+    add(
+        "faces/tilt_right_exif3.jpg",
+        tilted_right,
+        "kept",
+        "rotated 180° (EXIF orientation 3)",
+        "face crop",
+        family="tilt-right",
+        exif=exif,
+        quality=95,
+    )
     edge = _noise((700, 560), seed=2)
     edge.paste(ImageOps.mirror(_tilted(astronaut, 12)).resize((560, 560)), (140, 0))  # face near the top edge
     add("faces/mirror_tilt_edge.png", edge, "kept", "face crop", family="mirror-tilt")
@@ -155,31 +224,74 @@ def build_sources(root: Path) -> None:
     corners = np.full((400, 600), 255, np.uint8)
     corners[:60, :] = 0
     coffee.putalpha(Image.fromarray(corners))
-    add("scenes/coffee_rgba.png", coffee, "kept", "composited transparency (RGBA) on white",
-        "centre crop at box", "(no face found)")
+    add(
+        "scenes/coffee_rgba.png",
+        coffee,
+        "kept",
+        "composited transparency (RGBA) on white",
+        "centre crop at box",
+        "(no face found)",
+    )
     chelsea = skimage_photo("chelsea.png").convert("RGB")
-    add("scenes/chelsea_cmyk.jpg", chelsea.convert("CMYK"), "kept", "converted CMYK to RGB", "(no face found)",
-        quality=95)
-    add("scenes/chelsea_copy.jpg", _encoded(chelsea.resize((400, 266)), "JPEG", quality=85), "duplicate",
-        "near-duplicate of scenes/chelsea_cmyk.jpg")
+    add(
+        "scenes/chelsea_cmyk.jpg",
+        chelsea.convert("CMYK"),
+        "kept",
+        "converted CMYK to RGB",
+        "(no face found)",
+        quality=95,
+    )
+    add(
+        "scenes/chelsea_copy.jpg",
+        _encoded(chelsea.resize((400, 266)), "JPEG", quality=85),
+        "duplicate",
+        "near-duplicate of scenes/chelsea_cmyk.jpg",
+    )
     moon16 = Image.fromarray(np.asarray(skimage_photo("moon.png")).astype(np.uint16) * 257)
-    add("scenes/moon_16bit.tif", moon16, "kept", "converted 16-bit grayscale (I;16) to 8-bit RGB",
-        "no crop needed (no face found; already square)")
+    add(
+        "scenes/moon_16bit.tif",
+        moon16,
+        "kept",
+        "converted 16-bit grayscale (I;16) to 8-bit RGB",
+        "no crop needed (no face found; already square)",
+    )
     brick = Image.fromarray(np.asarray(skimage_photo("brick.png")).astype(np.float32) / 255.0, mode="F")
     add("scenes/brick_float.tif", brick, "kept", "converted floating-point grayscale (F) to 8-bit RGB")
-    add("scenes/coins_gray.png", skimage_photo("coins.png"), "kept", "converted grayscale (L) to RGB",
-        "resized from 303x303 to 256x256")
+    add(
+        "scenes/coins_gray.png",
+        skimage_photo("coins.png"),
+        "kept",
+        "converted grayscale (L) to RGB",
+        "resized from 303x303 to 256x256",
+    )
     rocket = skimage_photo("rocket.jpg").convert("RGB").quantize(64)
     frames = [rocket, rocket.rotate(180)]
-    add("scenes/rocket_anim.gif", frames[0], "kept", "used the first of 2 frames",
-        "composited transparency (P) on white", save_all=True, append_images=frames[1:], transparency=0)
+    add(
+        "scenes/rocket_anim.gif",
+        frames[0],
+        "kept",
+        "used the first of 2 frames",
+        "composited transparency (P) on white",
+        save_all=True,
+        append_images=frames[1:],
+        transparency=0,
+    )
 
     # Files that cannot become training images.
     add("bad/empty.jpg", b"", "skipped", "empty file (0 bytes)")
     add("bad/one_pixel.png", Image.new("RGB", (1, 1), (200, 10, 10)), "skipped", "too small: 1x1 px")
-    add("bad/truncated.png", _encoded(astronaut, "PNG")[:150_000], "skipped", "corrupt or truncated image data")
-    add("bad/deeper/truncated.jpg", _encoded(chelsea, "JPEG", quality=90)[:9_000], "skipped",
-        "corrupt or truncated image data")
+    add(
+        "bad/truncated.png",
+        _encoded(astronaut, "PNG")[:150_000],
+        "skipped",
+        "corrupt or truncated image data",
+    )
+    add(
+        "bad/deeper/truncated.jpg",
+        _encoded(chelsea, "JPEG", quality=90)[:9_000],
+        "skipped",
+        "corrupt or truncated image data",
+    )
     add("bad/huge_20000.png", _png_header_only(20000, 20000), "skipped", "too large", "decompression-bomb")
     add("bad/fake.jpg", b"this is not a picture\n" * 10, "skipped", "not an image")
     add("bad/readme.md", b"# notes\n", "skipped", "not an image")
@@ -188,11 +300,19 @@ def build_sources(root: Path) -> None:
     add("bad/notes.txt", b"remember the lighting", "skipped", "caption file with no image")
 
     # Caption sidecars (--caption file).
-    add("faces/tilt_right_exif3.txt", "\ufeffblh woman, tilted head\nsecond line\n".encode(), "caption",
-        "caption for faces/tilt_right_exif3.jpg")
+    add(
+        "faces/tilt_right_exif3.txt",
+        "\ufeffblh woman, tilted head\nsecond line\n".encode(),
+        "caption",
+        "caption for faces/tilt_right_exif3.jpg",
+    )
     add("faces/astronaut_q80.txt", b"blh woman smiling", "caption", "whose image was not kept")
-    add("faces/mirror_canvas.caption", "blh femme en scaphandre, été".encode("latin-1"), "skipped",
-        "not UTF-8 text (byte 0xe9")
+    add(
+        "faces/mirror_canvas.caption",
+        "blh femme en scaphandre, été".encode("latin-1"),
+        "skipped",
+        "not UTF-8 text (byte 0xe9",
+    )
     add("scenes/coffee_rgba.txt", b"  \n", "skipped", "empty caption file")
     add("scenes/chelsea_cmyk.caption", b"a cat", "caption", "caption for scenes/chelsea_cmyk.jpg")
     add("scenes/chelsea_cmyk.txt", b"a cat (old caption)", "caption", "not used: scenes/chelsea_cmyk.caption")
@@ -208,6 +328,8 @@ def build_reg(root: Path) -> None:
     root.mkdir(parents=True)
     skimage_photo("gravel.png").save(root / "gravel.png")
     skimage_photo("motorcycle_left.png").convert("RGB").save(root / "motorcycle.jpg", quality=90)
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     """Every file under ``root`` with the SHA-256 of its bytes."""
     return {
@@ -219,15 +341,25 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory):
-    """The full source folder prepared once (two worker processes): (source, out, report JSON, digest before)."""
+    """The full source folder prepared once, with two worker processes.
+
+    Returns (source folder, reg folder, output folder, report JSON, source digests before).
+    """
     root = tmp_path_factory.mktemp("prepare")
     source, reg = root / "photos", root / "reg-photos"
     build_sources(source)
     build_reg(reg)
     before = tree_digest(source), tree_digest(reg)
     options = PrepareOptions(
-        TOKEN, CLASS, repeats=REPEATS, resolution=RESOLUTION, min_size=MIN_SIZE, caption="file",
-        reg_dir=reg, workers=2, progress=False,
+        TOKEN,
+        CLASS,
+        repeats=REPEATS,
+        resolution=RESOLUTION,
+        min_size=MIN_SIZE,
+        caption="file",
+        reg_dir=reg,
+        workers=2,
+        progress=False,
     )
     prepare_dataset(source, root / "dataset", options)
     report = json.loads((root / "dataset" / "prepare-report.json").read_text(encoding="utf-8"))
@@ -265,7 +397,10 @@ def test_one_copy_of_each_photo_is_kept_and_the_rest_name_it(prepared):
     for family, members in families.items():
         kept = [member for member in members if rows[member]["status"] == "kept"]
         assert len(kept) == 1, (family, [(m, rows[m]["status"]) for m in members])
-        best = max(members, key=lambda m: (rows[m]["file_size"][0] * rows[m]["file_size"][1], (source / m).stat().st_size))
+        best = max(
+            members,
+            key=lambda m: (rows[m]["file_size"][0] * rows[m]["file_size"][1], (source / m).stat().st_size),
+        )
         assert kept == [best]
         for member in set(members) - {best}:
             assert rows[member]["status"] == "duplicate"
@@ -295,9 +430,12 @@ def test_output_is_a_kohya_layout_of_the_kept_images_and_captions(prepared):
                 assert image.size == (RESOLUTION, RESOLUTION) or (
                     image.width == image.height < RESOLUTION
                 )  # square crop mode, never enlarged
-                assert output.stem == hashlib.sha256(
-                    f"RGB {image.width}x{image.height}\n".encode() + image.tobytes()
-                ).hexdigest()[:16]
+                assert (
+                    output.stem
+                    == hashlib.sha256(
+                        f"RGB {image.width}x{image.height}\n".encode() + image.tobytes()
+                    ).hexdigest()[:16]
+                )
             caption = output.with_suffix(".caption")
             default = f"{TOKEN} {CLASS}" if set_name == "train" else CLASS
             assert caption.read_text(encoding="utf-8") == EXPECTED_CAPTIONS.get(relative, default) + "\n"
@@ -374,7 +512,9 @@ def test_plan_accepts_the_output_unchanged(prepared, capsys):
 
     _, _, out, report, _ = prepared
     dataset = discover_dataset(out / "img", out / "reg", ".caption")
-    assert [(s.repeats, s.class_tokens, s.num_images) for s in dataset.train] == [(REPEATS, f"{TOKEN} {CLASS}", 11)]
+    assert [(s.repeats, s.class_tokens, s.num_images) for s in dataset.train] == [
+        (REPEATS, f"{TOKEN} {CLASS}", 11)
+    ]
     assert [(s.repeats, s.class_tokens, s.num_images) for s in dataset.reg] == [(1, CLASS, 2)]
     assert not dataset.skipped
     captions = {image.path.name: image.caption for image in dataset.train[0].images}
@@ -383,7 +523,9 @@ def test_plan_accepts_the_output_unchanged(prepared, capsys):
 
     config = Path(__file__).parent / "data" / "seed" / "config_SD1.5.json"
     capsys.readouterr()
-    code = main(["plan", str(config), "--train-data", str(out / "img"), "--reg-data", str(out / "reg"), "--json"])
+    code = main(
+        ["plan", str(config), "--train-data", str(out / "img"), "--reg-data", str(out / "reg"), "--json"]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     plan = json.loads(captured.out)
@@ -411,12 +553,25 @@ def run_cli(capsys, *argv: object) -> tuple[int, str, str]:
     capsys.readouterr()
     code = main([str(arg) for arg in argv])
     captured = capsys.readouterr()
-    err = "".join(line for line in captured.err.split("\n") if line and not line.startswith(("\r", "prepare:")))
+    err = "".join(
+        line for line in captured.err.split("\n") if line and not line.startswith(("\r", "prepare:"))
+    )
     err = err + "\n" if err else err
     return code, captured.out, err
 
 
-SMALL_ARGS = ("--token", TOKEN, "--class", CLASS, "--resolution", RESOLUTION, "--min-size", MIN_SIZE, "--workers", 1)
+SMALL_ARGS = (
+    "--token",
+    TOKEN,
+    "--class",
+    CLASS,
+    "--resolution",
+    RESOLUTION,
+    "--min-size",
+    MIN_SIZE,
+    "--workers",
+    1,
+)
 
 
 def test_dry_run_prints_the_same_table_and_writes_nothing(small_source, tmp_path, capsys):
@@ -432,7 +587,10 @@ def test_dry_run_prints_the_same_table_and_writes_nothing(small_source, tmp_path
     header, *rows = lines[:-1]
     assert header.split() == ["SET", "SOURCE", "RESULT", "DETAILS"]
     assert [row.split()[1:3] for row in rows] == [
-        ["Thumbs.db", "skipped"], ["coffee.png", "kept"], ["portrait.jpg", "kept"], ["rocket.jpg", "kept"]
+        ["Thumbs.db", "skipped"],
+        ["coffee.png", "kept"],
+        ["portrait.jpg", "kept"],
+        ["rocket.jpg", "kept"],
     ]
     assert "face crop at box" in rows[2] and "centre crop at box" in rows[3] and "(no face found)" in rows[3]
 
@@ -445,7 +603,7 @@ def test_rerun_into_a_finished_output_gives_the_same_folder(small_source, tmp_pa
     assert run_cli(capsys, "prepare", small_source, out, *args)[0] == 0
     assert tree_digest(out) == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset", "photos"]  # nothing left beside it
-    captions = sorted(out.glob(f"{TRAIN_FOLDER}/*.caption"))
+    captions = sorted(out.glob(f"img/1_{TOKEN} {CLASS}/*.caption"))
     assert len(captions) == 3 and {c.read_text(encoding="utf-8") for c in captions} == {f"{TOKEN} {CLASS}\n"}
 
 
@@ -484,11 +642,21 @@ def test_bucket_crop_writes_images_at_a_bucket_size_around_the_face(small_source
 
     out = tmp_path / "dataset"
     options = PrepareOptions(
-        TOKEN, CLASS, resolution=RESOLUTION, min_size=MIN_SIZE, crop="bucket", min_bucket_reso=128,
-        max_bucket_reso=512, bucket_reso_steps=64, workers=1, progress=False,
+        TOKEN,
+        CLASS,
+        resolution=RESOLUTION,
+        min_size=MIN_SIZE,
+        crop="bucket",
+        min_bucket_reso=128,
+        max_bucket_reso=512,
+        bucket_reso_steps=64,
+        workers=1,
+        progress=False,
     )
     report = prepare_dataset(small_source, out, options)
-    buckets = BucketManager((RESOLUTION, RESOLUTION), min_bucket_reso=128, max_bucket_reso=512, bucket_reso_steps=64)
+    buckets = BucketManager(
+        (RESOLUTION, RESOLUTION), min_bucket_reso=128, max_bucket_reso=512, bucket_reso_steps=64
+    )
     rows = {row.source: row for row in report.rows}
     for name in ("portrait.jpg", "rocket.jpg", "coffee.png"):
         row = rows[name]
@@ -503,7 +671,16 @@ def test_bucket_crop_writes_images_at_a_bucket_size_around_the_face(small_source
 
 
 def test_crop_none_keeps_the_whole_photo_within_the_training_area(small_source, tmp_path):
-    options = PrepareOptions(TOKEN, CLASS, resolution=RESOLUTION, min_size=MIN_SIZE, crop="none", dry_run=True, workers=1, progress=False)
+    options = PrepareOptions(
+        TOKEN,
+        CLASS,
+        resolution=RESOLUTION,
+        min_size=MIN_SIZE,
+        crop="none",
+        dry_run=True,
+        workers=1,
+        progress=False,
+    )
     report = prepare_dataset(small_source, tmp_path / "dataset", options)
     for row in report.rows:
         if row.status != "kept":
@@ -520,7 +697,10 @@ def test_crop_none_keeps_the_whole_photo_within_the_training_area(small_source, 
         (("--class", CLASS), "missing --token: prepare names the folder"),
         ((), "missing --token and --class"),
         (("--token", TOKEN, "--class", "wo/man"), "--class 'wo/man' cannot be part of a folder name"),
-        (("--token", TOKEN, "--class", CLASS, "--resolution", "500"), "--resolution 500 must be a multiple of 8"),
+        (
+            ("--token", TOKEN, "--class", CLASS, "--resolution", "500"),
+            "--resolution 500 must be a multiple of 8",
+        ),
     ],
 )
 def test_bad_options_are_one_line_errors(small_source, tmp_path, capsys, args, message):
@@ -586,3 +766,42 @@ def test_near_duplicates_keep_the_preferred_copy():
     ]
     duplicates = find_near_duplicates(images)
     assert [(d.key, d.kept_key, d.distance) for d in duplicates] == [("small.jpg", "large.png", 3)]
+
+
+def _renamed_srgb_profile(name: bytes) -> bytes:
+    """Pillow's built-in sRGB profile under another description: a stand-in for a camera profile."""
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    return profile.replace("sRGB".encode("utf-16-be"), name.decode().encode("utf-16-be"))
+
+
+def test_embedded_colour_profiles_are_converted_to_srgb(tmp_path):
+    photo = Image.new("RGB", (300, 200), (200, 120, 40))
+    photo.save(tmp_path / "wide.png", icc_profile=_renamed_srgb_profile(b"wide"))
+    photo.save(tmp_path / "srgb.png", icc_profile=_renamed_srgb_profile(b"sRGB"))
+    photo.convert("L").save(tmp_path / "gray.png", icc_profile=_renamed_srgb_profile(b"wide"))
+    wide = load_image(tmp_path / "wide.png")
+    assert wide.actions == ["converted RGB to sRGB using its ICC profile 'wide built-in'"]
+    assert wide.image.getpixel((0, 0)) == (200, 120, 40)  # the stand-in profile is sRGB in disguise
+    assert load_image(tmp_path / "srgb.png").actions == []
+    assert load_image(tmp_path / "gray.png").actions == [
+        "converted grayscale (L) to RGB"
+    ]  # RGB profile ignored
+
+
+@pytest.mark.parametrize(
+    ("mode", "samples", "expected"),
+    [
+        ("I", np.array([[0, 32768, 65535]], np.int32), [0, 128, 255]),  # 16-bit values in a 32-bit image
+        ("I", np.array([[-55, 0, 200]], np.int32), [0, 55, 255]),  # negative: the range is stretched
+        ("I", np.array([[0, 50_000, 100_000]], np.int32), [0, 128, 255]),  # beyond 16 bits: stretched
+        ("F", np.array([[0.0, 0.5, 1.0]], np.float32), [0, 128, 255]),  # float in [0, 1]
+    ],
+)
+def test_wide_samples_are_rescaled_to_8_bits(tmp_path, mode, samples, expected):
+    path = tmp_path / "wide.tif"
+    Image.fromarray(np.repeat(samples, 4, axis=0), mode=mode).save(path)
+    loaded = load_image(path)
+    assert [loaded.image.getpixel((x, 0))[0] for x in range(3)] == expected
+    assert "grayscale" in loaded.actions[0] and "to 8-bit RGB" in loaded.actions[0]

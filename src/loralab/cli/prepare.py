@@ -26,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # Not argparse-required: a missing token/class gets one clear line instead of a usage dump.
     parser.add_argument("--token", help="the subject's trigger word, e.g. blh")
     parser.add_argument("--class", dest="class_name", help="the subject's class, e.g. woman")
-    parser.add_argument("--repeats", type=int, default=1, help="repeats per epoch in the folder name (default 1)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="repeats per epoch in the folder name (default 1)"
+    )
     parser.add_argument("--resolution", type=int, default=768, help="training resolution in px (default 768)")
     parser.add_argument(
         "--crop",
@@ -35,8 +37,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="square: RESOLUTION x RESOLUTION; bucket: the nearest aspect-ratio bucket; none: whole photo, "
         "downscaled to RESOLUTION^2 pixels (default square)",
     )
-    parser.add_argument("--face-focus", choices=("on", "off"), default="on", help="crop around the largest face (default on)")
-    parser.add_argument("--min-size", type=int, default=256, help="drop images whose crop is smaller than this in px (default 256)")
+    parser.add_argument(
+        "--face-focus", choices=("on", "off"), default="on", help="crop around the largest face (default on)"
+    )
+    parser.add_argument(
+        "--min-size",
+        type=int,
+        default=256,
+        help="drop images whose crop is smaller than this in px (default 256)",
+    )
     parser.add_argument(
         "--caption",
         choices=("none", "token", "file"),
@@ -49,14 +58,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=".caption",
         help="extension of written caption files; match your config's caption_extension (default .caption)",
     )
-    parser.add_argument("--reg-dir", type=Path, help="folder of regularisation photos -> OUT_DIR/reg/1_<class>/")
     parser.add_argument(
-        "--reg-face-focus", choices=("on", "off"), default="off", help="face crop the regularisation photos too (default off)"
+        "--reg-dir", type=Path, help="folder of regularisation photos -> OUT_DIR/reg/1_<class>/"
     )
-    parser.add_argument("--min-bucket-reso", type=int, default=256, help="--crop bucket: smallest bucket side (default 256)")
-    parser.add_argument("--max-bucket-reso", type=int, default=1024, help="--crop bucket: largest bucket side (default 1024)")
-    parser.add_argument("--bucket-reso-steps", type=int, default=64, help="--crop bucket: bucket side step (default 64)")
-    parser.add_argument("--workers", type=int, help="parallel worker processes (default: CPU cores, at most 4)")
+    parser.add_argument(
+        "--reg-face-focus",
+        choices=("on", "off"),
+        default="off",
+        help="face crop the regularisation photos too (default off)",
+    )
+    parser.add_argument(
+        "--min-bucket-reso", type=int, default=256, help="--crop bucket: smallest bucket side (default 256)"
+    )
+    parser.add_argument(
+        "--max-bucket-reso", type=int, default=1024, help="--crop bucket: largest bucket side (default 1024)"
+    )
+    parser.add_argument(
+        "--bucket-reso-steps", type=int, default=64, help="--crop bucket: bucket side step (default 64)"
+    )
+    parser.add_argument(
+        "--workers", type=int, help="parallel worker processes (default: CPU cores, at most 4)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
     parser.set_defaults(func=run)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from loralab.models.loading import StableDiffusionComponents
 from loralab.models.saving import save_single_file
 from loralab.network.lora import AdaptedLayer, LoRANetwork
 from loralab.network.lora_file import LoraFile
@@ -46,7 +47,7 @@ def _network_for(use: LoraUse, components: ModelParts, strict: bool) -> LoRANetw
     return network
 
 
-def apply_loras(components: Any, loras: Sequence[LoraUse], *, strict: bool = True) -> list[LoRANetwork]:
+def apply_loras(components: ModelParts, loras: Sequence[LoraUse], *, strict: bool = True) -> list[LoRANetwork]:
     """Add each LoRA to ``components`` (any checkpoint of the LoRA's family); returns their networks.
 
     The base weights are not touched: change a strength later with ``network.set_multiplier`` and
@@ -73,7 +74,7 @@ def remove_loras(networks: Sequence[LoRANetwork]) -> None:
 
 
 @torch.no_grad()
-def merge_loras(components: Any, loras: Sequence[LoraUse], *, strict: bool = True) -> None:
+def merge_loras(components: ModelParts, loras: Sequence[LoraUse], *, strict: bool = True) -> None:
     """Add each LoRA's weight change to the weights of ``components`` in place.
 
     Deltas are computed in fp32 and added in the weights' own dtype. Same errors as :func:`apply_loras`.
@@ -87,7 +88,7 @@ def merge_loras(components: Any, loras: Sequence[LoraUse], *, strict: bool = Tru
 
 
 def save_merged_checkpoint(
-    components: Any,
+    components: StableDiffusionComponents,
     path: str | os.PathLike[str],
     *,
     dtype: torch.dtype | None = torch.float16,

@@ -217,7 +217,8 @@ def setup_model(config: Any, precision: PrecisionPlan, device: torch.device) -> 
         device=device,
     )
     _check_family(config, components)
-    components.vae.to(dtype=vae_dtype_for(config))
+    if components.vae.dtype != vae_dtype_for(config):  # diffusers warns on every cast, needed or not
+        components.vae.to(dtype=vae_dtype_for(config))
     for module in (components.unet, components.vae, *components.text_encoders):
         module.requires_grad_(False)
     _set_attention(config, components)

@@ -1,8 +1,9 @@
 """Near-duplicate detection with perceptual hashes (``imagehash.phash``).
 
 A pHash says, for each of the 8x8 lowest DCT frequencies of a 32x32 grayscale thumbnail, whether
-it is above their median: 64 bits that survive rescaling, recompression and small colour changes. Two images whose hashes
-differ in at most :data:`NEAR_DUPLICATE_MAX_DISTANCE` bits are treated as the same photo.
+it is above their median: 64 bits that survive rescaling, recompression and small colour
+changes. Two images whose hashes differ in at most :data:`NEAR_DUPLICATE_MAX_DISTANCE` bits are
+treated as the same photo.
 
 The threshold, measured on face crops of scikit-image's astronaut photo: the same photo
 re-encoded as JPEG, rescaled, recoloured, turned grayscale or recropped (so the detected face box

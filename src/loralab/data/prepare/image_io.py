@@ -40,6 +40,8 @@ _ORIENTATION_WORDS = {
     8: "rotated 90° counter-clockwise",
 }
 _HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_RGB_MODES = ("RGB", "RGBA", "RGBa", "RGBX", "P", "PA")
 _WHITE = (255, 255, 255)
 
 
@@ -62,7 +64,9 @@ class LoadedImage:
     actions: list[str] = field(default_factory=list)
 
 
-def load_image(path: Path, *, min_side: int = 1, max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS) -> LoadedImage:
+def load_image(
+    path: Path, *, min_side: int = 1, max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS
+) -> LoadedImage:
     """Decode ``path`` into an upright 8-bit RGB image, within a pixel budget.
 
     ``min_side``: images whose shorter side (from the header) is below this are refused before
@@ -125,7 +129,10 @@ def _decode(image: Image.Image, file_bytes: int, *, min_side: int, max_decode_pi
         raise UnusableImage(f"corrupt or truncated image data: {exc}") from exc
     icc_profile = image.info.get("icc_profile")
     upright = _apply_exif_orientation(image, loaded.actions)
-    loaded.image = _to_rgb(upright, icc_profile, loaded.actions)
+    try:
+        loaded.image = _to_rgb(upright, icc_profile, loaded.actions)
+    except (OSError, ValueError) as exc:  # Pillow's way of saying a mode has no RGB conversion
+        raise UnusableImage(f"cannot convert its {upright.mode} pixels to RGB: {exc}") from exc
     return loaded
 
 
@@ -144,7 +151,9 @@ def _decode_reduced(image: Image.Image, max_decode_pixels: int, loaded: LoadedIm
             image.draft(image.mode, reduced)
             loaded.actions.append(f"decoded at 1/{scale} scale ({megapixels} is over the {limit})")
             return
-    raise UnusableImage(f"too large: {megapixels} stays over the {limit} even at 1/8 scale; downscale it first")
+    raise UnusableImage(
+        f"too large: {megapixels} stays over the {limit} even at 1/8 scale; downscale it first"
+    )
 
 
 def _apply_exif_orientation(image: Image.Image, actions: list[str]) -> Image.Image:
@@ -161,27 +170,31 @@ def _apply_exif_orientation(image: Image.Image, actions: list[str]) -> Image.Ima
 
 def _to_rgb(image: Image.Image, icc_profile: bytes | None, actions: list[str]) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB, in sRGB when an embedded profile says otherwise."""
-    described = False
     if image.mode in _HIGH_BIT_DEPTH_MODES:
         actions.append(f"converted {_bit_depth_words(image.mode)} grayscale ({image.mode}) to 8-bit RGB")
-        image = _high_bit_depth_to_l(image)
-        icc_profile = None  # the profile described the original samples, not our rescaled ones
-        described = True
+        # Any profile described the original samples, not our rescaled ones: it is dropped.
+        return _high_bit_depth_to_l(image).convert("RGB")
     if image.mode == "CMYK":
-        converted = _icc_to_srgb(image, icc_profile, actions) if icc_profile else None
+        converted = _icc_to_srgb(image, icc_profile, "CMYK", actions)
         if converted is None:
-            converted = image.convert("RGB")
             actions.append("converted CMYK to RGB")
+            converted = image.convert("RGB")
         return converted
-    if image.has_transparency_data:
+    # An RGB profile describes colour samples; on a grayscale image it is a mislabel to ignore.
+    colour = image.mode in _RGB_MODES
+    if _has_transparency(image):
         image = _flatten_on_white(image, actions)
     elif image.mode != "RGB":
-        if not described:
-            actions.append(f"converted {_MODE_WORDS.get(image.mode, image.mode)} to RGB")
+        actions.append(f"converted {_MODE_WORDS.get(image.mode, image.mode)} to RGB")
         image = image.convert("RGB")
-    if icc_profile and image.mode == "RGB":
-        image = _icc_to_srgb(image, icc_profile, actions) or image
-    return image
+    if not colour:
+        return image
+    return _icc_to_srgb(image, icc_profile, "RGB", actions) or image
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    # An alpha band, or a palette / single-colour key marked transparent ("transparency" info).
+    return image.mode in _ALPHA_MODES or "transparency" in image.info
 
 
 _MODE_WORDS = {"L": "grayscale (L)", "1": "black-and-white (1-bit)", "P": "palette (P)"}
@@ -194,16 +207,15 @@ def _bit_depth_words(mode: str) -> str:
 def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
     """Rescale 16-bit / 32-bit / float samples to 8 bits without clipping the highlights."""
     samples = np.asarray(image).astype(np.float64)
-    peak = float(samples.max()) if samples.size else 0.0
-    if image.mode == "F" and peak <= 1.0:
+    low, peak = (float(samples.min()), float(samples.max())) if samples.size else (0.0, 0.0)
+    if low < 0 or peak > 65535:
+        scaled = (samples - low) * (255.0 / max(peak - low, 1e-12))  # no convention: stretch the range
+    elif image.mode == "F" and peak <= 1.0:
         scaled = samples * 255.0  # float images conventionally hold [0, 1]
     elif peak <= 255:
         scaled = samples  # already 8-bit values stored in a wide type
-    elif peak <= 65535:
-        scaled = samples / 257.0  # 65535 -> 255, the exact inverse of 8->16-bit expansion
     else:
-        low = float(samples.min())
-        scaled = (samples - low) * (255.0 / (peak - low))
+        scaled = samples / 257.0  # 65535 -> 255, the exact inverse of 8->16-bit expansion
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
@@ -222,20 +234,23 @@ def _flatten_on_white(image: Image.Image, actions: list[str]) -> Image.Image:
     return flattened
 
 
-def _icc_to_srgb(image: Image.Image, icc_profile: bytes, actions: list[str]) -> Image.Image | None:
-    """Convert through the embedded ICC profile; None when it is already sRGB or unusable."""
+def _icc_to_srgb(
+    image: Image.Image, icc_profile: bytes | None, colour_space: str, actions: list[str]
+) -> Image.Image | None:
+    """Convert through the embedded ICC profile; None when there is none, it is sRGB already,
+    it is for another colour space (a gray profile on a grayscale photo), or it is unusable."""
+    if not icc_profile:
+        return None
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
-        description = (ImageCms.getProfileDescription(source) or "").strip()
-        if image.mode == "RGB" and "srgb" in description.lower():
+        if source.profile.xcolor_space.strip() != colour_space:
             return None
-        converted = ImageCms.profileToProfile(
-            image, source, ImageCms.createProfile("sRGB"), outputMode="RGB"
-        )
+        description = (ImageCms.getProfileDescription(source) or "").strip()
+        if colour_space == "RGB" and "srgb" in description.lower():
+            return None
+        converted = ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
     except (ImageCms.PyCMSError, OSError, ValueError) as exc:
         actions.append(f"embedded ICC profile unusable ({exc}); colours taken as stored")
         return None
-    if converted is None:  # profileToProfile returns None only when inPlace=True
-        return None
-    actions.append(f"converted {image.mode} to sRGB using its ICC profile '{description}'")
+    actions.append(f"converted {colour_space} to sRGB using its ICC profile '{description}'")
     return converted

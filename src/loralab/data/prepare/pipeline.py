@@ -22,6 +22,7 @@ from loralab.data.buckets import BucketManager
 from loralab.data.prepare.box import Box
 from loralab.data.prepare.dedupe import perceptual_hash
 from loralab.data.prepare.faces import detect_faces
+from loralab.data.prepare.files import temporary_sibling
 from loralab.data.prepare.framing import centre_crop, downscale_to_area, face_crop
 from loralab.data.prepare.image_io import UnusableImage, load_image
 
@@ -73,7 +74,9 @@ def prepare_image(task: ImageTask) -> ImageOutcome:
     outcome = ImageOutcome(task.key)
     settings = task.settings
     try:
-        loaded = load_image(task.source, min_side=settings.min_size, max_decode_pixels=settings.max_decode_pixels)
+        loaded = load_image(
+            task.source, min_side=settings.min_size, max_decode_pixels=settings.max_decode_pixels
+        )
     except UnusableImage as exc:
         outcome.skip_reason = exc.reason
         return outcome
@@ -93,12 +96,15 @@ def prepare_image(task: ImageTask) -> ImageOutcome:
         image = image.crop(crop.as_tuple())
     output_size = _covered_target(crop, target)
     if output_size != image.size:
-        outcome.actions.append(f"resized from {image.width}x{image.height} to {output_size[0]}x{output_size[1]}")
+        outcome.actions.append(
+            f"resized from {image.width}x{image.height} to {output_size[0]}x{output_size[1]}"
+        )
         # reducing_gap: a fast box reduction first, then Lanczos over the last factor of 3 only.
         image = image.resize(output_size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     elif output_size != target:
+        kept = f"{image.width}x{image.height}"
         outcome.actions.append(
-            f"kept at {image.width}x{image.height}: smaller than the {target[0]}x{target[1]} target, not enlarged"
+            f"kept at {kept}: smaller than the {target[0]}x{target[1]} target, not enlarged"
         )
     outcome.output_size = image.size
     outcome.phash = perceptual_hash(image)
@@ -108,7 +114,9 @@ def prepare_image(task: ImageTask) -> ImageOutcome:
     return outcome
 
 
-def _frame(image: Image.Image, settings: FramingSettings, outcome: ImageOutcome) -> tuple[Box, tuple[int, int]]:
+def _frame(
+    image: Image.Image, settings: FramingSettings, outcome: ImageOutcome
+) -> tuple[Box, tuple[int, int]]:
     """The crop box in the upright image and the output size aimed for (never enlarged to)."""
     width, height = image.size
     if settings.crop == "none":
@@ -158,6 +166,6 @@ def content_name(image: Image.Image) -> str:
 def _write_png(image: Image.Image, path: Path) -> None:
     # Written under a temporary name and renamed: two sources with identical pixels write the
     # same file, and a reader never sees half an image.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = temporary_sibling(path)
     image.save(temporary, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
     os.replace(temporary, path)

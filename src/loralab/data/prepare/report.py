@@ -114,7 +114,11 @@ class PrepareReport:
         widths = [max(len(header), *(len(line[i]) for line in lines)) for i, header in enumerate(headers[:3])]
         out = []
         for cells in [headers, *lines]:
-            out.append("  ".join(cell.ljust(width) for cell, width in zip(cells[:3], widths)) + "  " + cells[3])
+            out.append(
+                "  ".join(cell.ljust(width) for cell, width in zip(cells[:3], widths, strict=True))
+                + "  "
+                + cells[3]
+            )
         out.append(self.summary_line())
         return "\n".join(line.rstrip() for line in out)
 

@@ -34,15 +34,16 @@ from typing import Any, Literal
 from tqdm import tqdm
 
 from loralab.data.buckets import BucketManager
+from loralab.data.prepare.captions import CaptionMode, CaptionSettings, caption_kept_image, sidecar_rows
 from loralab.data.prepare.dedupe import NEAR_DUPLICATE_MAX_DISTANCE, HashedImage, find_near_duplicates
 from loralab.data.prepare.faces import limit_detector_threads
+from loralab.data.prepare.files import write_text_atomic
 from loralab.data.prepare.image_io import DEFAULT_MAX_DECODE_PIXELS
 from loralab.data.prepare.pipeline import CropMode, FramingSettings, ImageOutcome, ImageTask, prepare_image
 from loralab.data.prepare.report import REPORT_NAME, FileRow, PrepareReport
-from loralab.data.prepare.sources import SourceFile, SourceTree, read_sidecar, scan_source
+from loralab.data.prepare.sources import SourceFile, SourceTree, scan_source
 from loralab.errors import DatasetError
 
-CaptionMode = Literal["none", "token", "file"]
 SetName = Literal["train", "reg"]
 # Characters that cannot appear in a folder name on Windows or POSIX; the token and class become
 # the folder name "<N>_<token> <class>" that every kohya tool reads.
@@ -51,7 +52,10 @@ _DEFAULT_MAX_WORKERS = 4  # each worker can hold one large decoded photo; keep t
 
 
 class PrepareError(DatasetError):
-    """A prepare job that cannot run or produced nothing usable; ``report`` is set when files were examined."""
+    """A prepare job that cannot run or produced nothing usable.
+
+    ``report`` is set when files were examined, so the caller can still show every file's reason.
+    """
 
     def __init__(self, message: str, report: PrepareReport | None = None) -> None:
         super().__init__(message)
@@ -119,7 +123,7 @@ def prepare_dataset(source_dir: Path, out_dir: Path, options: PrepareOptions) ->
     try:
         report = _prepare_into(staging, source_dir, reg_dir, out_dir, trees, options)
         if staging is not None:
-            _write_text_atomic(staging / REPORT_NAME, json.dumps(report.to_json(), indent=2) + "\n")
+            write_text_atomic(staging / REPORT_NAME, json.dumps(report.to_json(), indent=2) + "\n")
             _publish(staging, out_dir)
             staging = None
     finally:
@@ -145,7 +149,8 @@ def _prepare_into(
             output_dir = staging / folders[set_name]
             output_dir.mkdir(parents=True)
         tasks += [
-            ImageTask(item.path, _key(set_name, item), settings[set_name], output_dir) for item in tree.candidates
+            ImageTask(item.path, _key(set_name, item), settings[set_name], output_dir)
+            for item in tree.candidates
         ]
     outcomes = _run_tasks(tasks, options)
     rows: list[FileRow] = []
@@ -167,7 +172,9 @@ def _key(set_name: str, item: SourceFile) -> str:
 
 
 def _checked_options(options: PrepareOptions) -> PrepareOptions:
-    missing = [flag for flag, value in (("--token", options.token), ("--class", options.class_name)) if not value]
+    missing = [
+        flag for flag, value in (("--token", options.token), ("--class", options.class_name)) if not value
+    ]
     if missing:
         raise PrepareError(
             f"missing {' and '.join(missing)}: prepare names the folder '<repeats>_<token> <class>', "
@@ -185,7 +192,8 @@ def _checked_options(options: PrepareOptions) -> PrepareOptions:
         (options.repeats >= 1, f"--repeats {options.repeats} must be at least 1"),
         (
             options.resolution >= 64 and options.resolution % 8 == 0,
-            f"--resolution {options.resolution} must be a multiple of 8 and at least 64 (e.g. 512, 768, 1024)",
+            f"--resolution {options.resolution} must be a multiple of 8 and at least 64 "
+            f"(e.g. 512, 768, 1024)",
         ),
         (options.min_size >= 1, f"--min-size {options.min_size} must be at least 1 pixel"),
         (options.workers is None or options.workers >= 1, f"--workers {options.workers} must be at least 1"),
@@ -197,14 +205,21 @@ def _checked_options(options: PrepareOptions) -> PrepareOptions:
     if not extension.startswith("."):
         extension = "." + extension
     if extension == "." or any(c in _FORBIDDEN_NAME_CHARACTERS for c in extension):
-        raise PrepareError(f"--caption-extension {options.caption_extension!r} is not a file extension; use e.g. .caption or .txt")
+        raise PrepareError(
+            f"--caption-extension {options.caption_extension!r} is not a file extension; "
+            f"use e.g. .caption or .txt"
+        )
     return replace(options, caption_extension=extension)
 
 
 def _scan(root: Path, what: str, options: PrepareOptions) -> SourceTree:
     if not root.is_dir():
-        raise PrepareError(f"{what} folder {root} does not exist or is not a folder; pass the folder of photos")
+        raise PrepareError(
+            f"{what} folder {root} does not exist or is not a folder; pass the folder of photos"
+        )
     tree = scan_source(root, options.caption_extension)
+    if "." in tree.unreadable_folders:
+        raise PrepareError(f"{what} folder {root}: {tree.unreadable_folders['.']}; check its permissions")
     if tree.file_count == 0:
         raise PrepareError(f"{what} folder {root} is empty; put the photos to prepare in it")
     return tree
@@ -253,7 +268,9 @@ def _run_tasks(tasks: list[ImageTask], options: PrepareOptions) -> dict[str, Ima
     workers = options.workers or min(os.cpu_count() or 1, _DEFAULT_MAX_WORKERS)
     workers = min(workers, len(tasks))
     outcomes: dict[str, ImageOutcome] = {}
-    with tqdm(total=len(tasks), desc="prepare", unit="file", file=sys.stderr, disable=not options.progress) as bar:
+    with tqdm(
+        total=len(tasks), desc="prepare", unit="file", file=sys.stderr, disable=not options.progress
+    ) as bar:
         if workers <= 1:
             for task in tasks:
                 outcomes[task.key] = prepare_image(task)
@@ -291,12 +308,15 @@ def _set_rows(
     duplicates = {
         duplicate.key: duplicate
         for duplicate in find_near_duplicates(
-            [HashedImage(relative, outcome.phash or "", _keep_preference(outcome)) for relative, outcome in prepared.items()]
+            [
+                HashedImage(relative, outcome.phash or "", _keep_preference(outcome))
+                for relative, outcome in prepared.items()
+            ]
         )
     }
     kept_names = {outcome.output_name for relative, outcome in prepared.items() if relative not in duplicates}
+    captions = CaptionSettings(options.caption, _class_tokens(set_name, options), options.caption_extension)
     rows: list[FileRow] = []
-    caption_users: dict[str, list[tuple[str, str]]] = {}  # caption file -> [(image, image status)]
     for relative, outcome in mine.items():
         row = _image_row(set_name, relative, outcome)
         if relative in duplicates:
@@ -306,18 +326,22 @@ def _set_rows(
                 f"near-duplicate of {duplicate.kept_key} (perceptual-hash distance {duplicate.distance}, "
                 f"<= {NEAR_DUPLICATE_MAX_DISTANCE} counts as the same photo)"
             )
-            row.output = None
-            if output_dir is not None and outcome.output_name not in kept_names:
-                (output_dir / (outcome.output_name or "")).unlink(missing_ok=True)
+            # Its file is removed unless a kept image has exactly the same pixels (the same name).
+            if output_dir is not None and outcome.output_name and outcome.output_name not in kept_names:
+                (output_dir / outcome.output_name).unlink(missing_ok=True)
         elif row.status == "kept":
             row.output = f"{folder}/{outcome.output_name}"
-            _caption_image(set_name, row, tree.sidecar_of.get(relative), output_dir, options)
-        sidecar = tree.sidecar_of.get(relative)
-        if sidecar is not None:
-            caption_users.setdefault(sidecar.relative, []).append((relative, row.status))
+            caption_kept_image(row, tree.sidecar_of.get(relative), captions, output_dir)
         rows.append(row)
-    rows += _caption_rows(set_name, tree, caption_users, options)
+    rows += sidecar_rows(set_name, tree, {row.source: row.status for row in rows}, options.caption)
+    for relative_folder, reason in sorted(tree.unreadable_folders.items()):
+        rows.append(FileRow(set_name, relative_folder + "/", "skipped", reason=reason))
     return sorted(rows, key=lambda row: row.source)
+
+
+def _class_tokens(set_name: SetName, options: PrepareOptions) -> str:
+    # What the output folder's name says after "<repeats>_": the caption kohya falls back to.
+    return f"{options.token} {options.class_name}" if set_name == "train" else str(options.class_name)
 
 
 def _keep_preference(outcome: ImageOutcome) -> tuple[int, int]:
@@ -342,62 +366,6 @@ def _image_row(set_name: SetName, relative: str, outcome: ImageOutcome) -> FileR
     )
 
 
-def _caption_image(
-    set_name: SetName, row: FileRow, sidecar: SourceFile | None, output_dir: Path | None, options: PrepareOptions
-) -> None:
-    """Decide a kept image's caption, note it in its row, and write it next to the output."""
-    if options.caption == "none":
-        return
-    # The folder name's class tokens, which is also what kohya trains with when no caption exists.
-    fallback = f"{options.token} {options.class_name}" if set_name == "train" else str(options.class_name)
-    text = fallback
-    if options.caption == "token":
-        row.actions.append(f"caption '{text}'")
-    elif sidecar is None:
-        row.actions.append(f"no caption file; caption '{text}'")
-    else:
-        sidecar_text = read_sidecar(sidecar.path)
-        if sidecar_text.text is not None:
-            text = sidecar_text.text
-            row.actions.append(f"caption from {sidecar.relative}" + (f" ({sidecar_text.note})" if sidecar_text.note else ""))
-        else:
-            row.actions.append(f"caption file {sidecar.relative} unusable ({sidecar_text.problem}); caption '{text}'")
-    row.caption = text
-    if output_dir is not None and row.output:
-        stem = Path(row.output).stem
-        _write_text_atomic(output_dir / (stem + options.caption_extension), text + "\n")
-
-
-def _caption_rows(
-    set_name: SetName,
-    tree: SourceTree,
-    caption_users: dict[str, list[tuple[str, str]]],
-    options: PrepareOptions,
-) -> list[FileRow]:
-    sidecars = {caption.relative: caption for caption in tree.sidecar_of.values()}
-    rows = []
-    for relative, caption in sorted(sidecars.items()):
-        users = caption_users.get(relative, [])
-        images = ", ".join(image for image, _ in users)
-        problem = read_sidecar(caption.path).problem
-        if options.caption != "file":
-            actions = [f"caption file for {images}, not used (--caption {options.caption})"]
-            rows.append(FileRow(set_name, relative, "caption", actions + ([problem] if problem else [])))
-        elif problem:
-            rows.append(FileRow(set_name, relative, "skipped", [f"caption file for {images}"], reason=problem))
-        else:
-            used = [image for image, status in users if status == "kept"]
-            note = f"caption for {', '.join(used)}" if used else f"caption file for {images}, whose image was not kept"
-            rows.append(FileRow(set_name, relative, "caption", [note]))
-    for relative, used in sorted(tree.extra_sidecars.items()):
-        rows.append(FileRow(set_name, relative, "caption", [f"not used: {used.relative} is the caption of the same image"]))
-    for caption in tree.orphan_captions:
-        rows.append(
-            FileRow(set_name, caption.relative, "skipped", reason="caption file with no image of the same name beside it")
-        )
-    return rows
-
-
 def _make_staging(out_dir: Path) -> Path:
     # Beside OUT_DIR so the final rename stays on one file system; hidden and clearly named so a
     # leftover from a killed run is never mistaken for a dataset.
@@ -418,9 +386,3 @@ def _publish(staging: Path, out_dir: Path) -> None:
     os.replace(out_dir, previous)
     os.replace(staging, out_dir)
     shutil.rmtree(previous, ignore_errors=True)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)

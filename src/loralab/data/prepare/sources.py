@@ -31,6 +31,7 @@ class SourceTree:
     sidecar_of: dict[str, SourceFile] = field(default_factory=dict)  # image relative -> caption file
     extra_sidecars: dict[str, SourceFile] = field(default_factory=dict)  # shadowed by another sidecar
     orphan_captions: list[SourceFile] = field(default_factory=list)
+    unreadable_folders: dict[str, str] = field(default_factory=dict)  # relative folder -> reason
     file_count: int = 0
 
 
@@ -43,7 +44,12 @@ def scan_source(root: Path, caption_extension: str) -> SourceTree:
     extensions = tuple(dict.fromkeys((caption_extension.lower(), *SIDECAR_EXTENSIONS)))
     tree = SourceTree(root)
     captions: list[SourceFile] = []
-    for directory, subdirectories, names in os.walk(root):
+
+    def unreadable(error: OSError) -> None:
+        folder = Path(error.filename).relative_to(root).as_posix() if error.filename else "."
+        tree.unreadable_folders[folder] = f"cannot list the folder: {error.strerror or error}"
+
+    for directory, subdirectories, names in os.walk(root, onerror=unreadable):
         subdirectories.sort()
         for name in sorted(names):
             path = Path(directory) / name
@@ -96,5 +102,9 @@ def read_sidecar(path: Path) -> SidecarText:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         return SidecarText(None, "empty caption file")
-    note = f"used the first of its {len(lines)} lines (training reads only the first)" if len(lines) > 1 else None
+    note = (
+        f"used the first of its {len(lines)} lines (training reads only the first)"
+        if len(lines) > 1
+        else None
+    )
     return SidecarText(lines[0], note=note)

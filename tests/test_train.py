@@ -1,0 +1,264 @@
+"""End-to-end training on tiny models: the seed config through the CLI, learning, faults, samples,
+and data-parallel training on two CPU processes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from loralab.cli.main import main
+from loralab.config.loading import load_config
+from loralab.errors import ConfigError
+from loralab.models.loading import load_checkpoint
+from loralab.models.tiny import make_tiny
+from loralab.network.lora import LoRANetwork
+from loralab.network.lora_file import read_lora_file
+from loralab.plan.planner import make_plan
+from loralab.train.conditioning import encode_text, tokenize_captions
+from loralab.train.faults import NonFiniteLossError
+from loralab.train.launch import launch_training
+from loralab.train.loop import LoopHooks
+from loralab.train.run import train
+from loralab.train.sampling import SamplePrompt, parse_prompt_line, read_sample_prompts
+from loralab.train.saving import Cadence, epoch_lora_name, final_lora_name, step_lora_name
+from train_support import CAPTION, lora_tensors, make_dataset, max_tensor_difference, series, tiny_config
+
+SEED_CONFIG = Path(__file__).parent / "data" / "seed" / "config_SD1.5.json"
+KOHYA_TAGS = {
+    "loss/current",
+    "loss/average",
+    "loss/epoch",
+    "lr/unet",
+    "lr/textencoder",
+    "lr/d*lr",
+    "perf/step_seconds",
+    "perf/images_per_second",
+    "perf/peak_memory_mb",
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORALAB_CACHE_DIR", str(root / "cache"))
+        checkpoint = make_tiny("sd15", "single-file", root / "tiny.safetensors")
+        yield SimpleNamespace(
+            root=root,
+            checkpoint=checkpoint,
+            data=make_dataset(root / "two_repeats", images=4, repeats=2),
+            single=make_dataset(root / "one_repeat", images=4, repeats=1),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The seed config, unchanged but for paths and size, through the CLI
+
+
+def test_seed_config_trains_through_the_cli_with_kohya_logs(workspace, tmp_path):
+    overrides = [
+        f"pretrained_model_name_or_path={workspace.checkpoint}",
+        f"train_data_dir={workspace.data}",
+        "resolution=64",
+        "min_bucket_reso=64",
+        "max_bucket_reso=128",
+        "max_train_epochs=3",
+        "network_dim=8",
+        "output_name=seed",
+        "num_cpu_threads_per_process=1",
+    ]
+    run_dir = tmp_path / "run"
+    argv = ["train", str(SEED_CONFIG), "--run-dir", str(run_dir), "--quiet"]
+    for override in overrides:
+        argv += ["--set", override]
+    assert main(argv) == 0
+
+    logged = series(run_dir)
+    assert set(logged) == KOHYA_TAGS
+    # lr/unet after every step is the planner's schedule (cosine here, from the GUI config).
+    plan = make_plan(load_config(SEED_CONFIG, overrides))
+    unet_lr = [value for _, value in logged["lr/unet"]]
+    assert [step for step, _ in logged["lr/unet"]] == list(range(1, plan.max_train_steps + 1))
+    assert unet_lr == pytest.approx(list(plan.lr_schedule), rel=1e-6, abs=1e-9)
+    # D-Adaptation's d (logged as d * lr) grows from its start under growth_rate=1.02.
+    d_values = [d_lr / lr for (_, d_lr), (_, lr) in zip(logged["lr/d*lr"], logged["lr/unet"]) if lr > 0]
+    assert d_values[-1] > d_values[0] * 1.02
+    assert max(d_values[i + 1] / d_values[i] for i in range(len(d_values) - 1)) <= 1.02 + 1e-6
+    assert [step for step, _ in logged["loss/epoch"]] == list(range(1, plan.epochs + 1))
+
+    final = run_dir / "seed.safetensors"
+    with safe_open(str(final), "pt") as lora:
+        metadata = lora.metadata()
+        dtypes = {lora.get_tensor(key).dtype for key in lora.keys()}
+    assert dtypes == {torch.bfloat16}  # save_precision from the GUI config
+    assert metadata["ss_network_dim"] == "8"
+    assert metadata["ss_steps"] == str(plan.max_train_steps)
+    assert metadata["ss_optimizer"].startswith("dadaptation") and "growth_rate=1.02" in metadata["ss_optimizer"]
+    assert metadata["ss_clip_skip"] == "2" and metadata["ss_min_snr_gamma"] == "5.0"
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert manifest["plan"]["max_train_steps"] == plan.max_train_steps
+    assert len(manifest["dataset"]["files"]) == 4
+    assert manifest["base_model"]["legacy_hash"] == metadata["ss_sd_model_hash"]
+    assert manifest["lora_files"] == ["seed.safetensors"]
+    resolved = load_config(run_dir / "config.toml")
+    assert resolved.optimizer_type == "DAdaptAdam" and resolved.output_dir == run_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning
+
+
+@torch.no_grad()
+def _denoising_loss(checkpoint: Path, data: Path, lora: Path | None) -> float:
+    """MSE of the noise prediction on the training images at fixed seeded noise and timesteps."""
+    components = load_checkpoint(checkpoint)
+    if lora is not None:
+        LoRANetwork.from_lora_file(read_lora_file(lora), components).apply_to(components)
+    paths = sorted(data.rglob("*.png"))
+    pixels = torch.stack(
+        [torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1 for p in paths]
+    )
+    latents = components.vae.encode(pixels).latent_dist.mean * components.vae.config.scaling_factor
+    ids = tokenize_captions(components.tokenizers[0], [CAPTION] * len(paths))
+    context = encode_text(components.family, components.text_encoders, [ids], eos_token_ids=[49407]).encoder_hidden_states
+    generator = torch.Generator().manual_seed(123)
+    losses = []
+    for timestep in (50, 250, 450, 650, 850):
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.full((len(paths),), timestep)
+        noisy = components.noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = components.unet(noisy, timesteps, encoder_hidden_states=context).sample
+        losses.append(torch.nn.functional.mse_loss(prediction, noise).item())
+    return sum(losses) / len(losses)
+
+
+def test_a_short_run_lowers_the_denoising_loss_by_a_fifth(workspace, tmp_path):
+    config = tiny_config(
+        workspace.checkpoint, workspace.single, train_batch_size=4, max_train_epochs=None, max_train_steps=16,
+        learning_rate=1e-2, network_dim=8, network_alpha=8,
+    )  # fmt: skip
+    result = train(config, run_dir=tmp_path / "run", progress="quiet")
+    base = _denoising_loss(workspace.checkpoint, workspace.single, None)
+    trained = _denoising_loss(workspace.checkpoint, workspace.single, result.final_lora)
+    assert trained < 0.8 * base, (base, trained)
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults
+
+
+def _nan_at(step: int) -> LoopHooks:
+    def transform(global_step: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if global_step == step else loss
+
+    return LoopHooks(loss_transform=transform)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_lora(workspace, tmp_path):
+    config = tiny_config(workspace.checkpoint, workspace.data, save_every_n_steps=2)
+    run_dir = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError) as raised:
+        train(config, run_dir=run_dir, progress="quiet", hooks=_nan_at(3))
+    good = run_dir / step_lora_name("tiny", 2)
+    message = str(raised.value)
+    assert "step 3" in message and str(good) in message and "\n" not in message
+    assert sorted(p.name for p in run_dir.glob("*.safetensors")) == [good.name]
+    with safe_open(str(good), "pt") as lora:
+        assert lora.metadata()["ss_steps"] == "2"
+        assert all(torch.isfinite(lora.get_tensor(key)).all() for key in lora.keys())
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "failed"
+
+
+def test_skip_policy_drops_only_the_non_finite_step(workspace, tmp_path):
+    config = tiny_config(workspace.checkpoint, workspace.single)
+    result = train(config, run_dir=tmp_path / "run", progress="quiet", hooks=_nan_at(2), on_non_finite="skip")
+    assert result.status == "completed" and result.global_step == 4
+    assert all(torch.isfinite(t).all() for t in lora_tensors(result.final_lora).values())
+    logged = series(result.run_dir)
+    assert [step for step, _ in logged["loss/current"]] == [1, 3, 4]
+    assert [step for step, _ in logged["lr/unet"]] == [1, 2, 3, 4]
+
+
+def test_a_run_directory_holding_a_run_is_refused(workspace, tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already holds a training run"):
+        train(tiny_config(workspace.checkpoint, workspace.single), run_dir=tmp_path, progress="quiet")
+
+
+# ---------------------------------------------------------------------------------------------
+# Saves and samples
+
+
+def test_save_and_sample_cadence_follow_sd_scripts():
+    every_two = Cadence(every_n_epochs=2, every_n_steps=3)
+    assert [s for s in range(1, 10) if every_two.after_step(s)] == [3, 6, 9]
+    assert [e for e in range(1, 7) if every_two.after_epoch(e, 6, including_last=False)] == [2, 4]
+    assert [e for e in range(1, 7) if every_two.after_epoch(e, 6, including_last=True)] == [2, 4, 6]
+    assert not Cadence(0, None).after_step(5)
+    assert (epoch_lora_name("me", 10), step_lora_name("me", 300), final_lora_name("me")) == (
+        "me-000010.safetensors",
+        "me-step00000300.safetensors",
+        "me.safetensors",
+    )
+
+
+def test_kohya_prompt_lines_are_parsed():
+    parsed = parse_prompt_line("a photo, beach --n low quality, bad --w 770 --h 512 --l 3.5 --s 50 --d 1 --ss euler")
+    assert parsed == SamplePrompt("a photo, beach", "low quality, bad", 768, 512, 3.5, 50, 1, "euler")
+    assert parse_prompt_line("just a prompt") == SamplePrompt("just a prompt")
+    assert read_sample_prompts(["# comment", "", "x --s 2000"]) == [SamplePrompt("x", steps=1000)]
+    with pytest.raises(ConfigError, match="sampler"):
+        parse_prompt_line("x --ss unknown_sampler")
+
+
+def test_samples_are_rendered_during_training(workspace, tmp_path):
+    config = tiny_config(
+        workspace.checkpoint, workspace.single, max_train_epochs=1, sample_every_n_epochs=1, sample_at_first=True,
+        sample_prompts=["blh woman on a beach --w 64 --h 48 --s 2 --d 3", "blh woman --n ugly --s 2 --l 4"],
+    )  # fmt: skip
+    result = train(config, run_dir=tmp_path / "run", progress="quiet")
+    samples = sorted(p.name for p in (result.run_dir / "samples").iterdir())
+    assert samples == ["tiny_000000_00.png", "tiny_000000_01.png", "tiny_e000001_00.png", "tiny_e000001_01.png"]
+    assert Image.open(result.run_dir / "samples" / "tiny_e000001_00.png").size == (64, 48)
+    assert Image.open(result.run_dir / "samples" / "tiny_e000001_01.png").size == (64, 64)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(result.run_dir / "logs"), size_guidance={"images": 0})
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == ["sample/00", "sample/01"]
+    assert [event.step for event in events.Images("sample/00")] == [0, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallel
+
+
+@pytest.mark.slow
+def test_two_processes_with_half_the_batch_give_the_same_lora(workspace, tmp_path):
+    settings = {
+        "max_train_epochs": 2,
+        "gradient_accumulation_steps": 2,
+        "noise_offset": 0.05,
+        "min_snr_gamma": 5.0,
+        "learning_rate": 1e-3,
+    }
+    single = train(tiny_config(workspace.checkpoint, workspace.data, train_batch_size=4, **settings),
+                   run_dir=tmp_path / "one", progress="quiet")  # fmt: skip
+    split = launch_training(2, tiny_config(workspace.checkpoint, workspace.data, train_batch_size=2, **settings),
+                            run_dir=tmp_path / "two", progress="quiet")  # fmt: skip
+    assert split.global_step == single.global_step == 2
+    assert max_tensor_difference(lora_tensors(single.final_lora), lora_tensors(split.final_lora)) < 1e-5
+    one, two = series(single.run_dir), series(split.run_dir)
+    for tag in ("loss/current", "loss/epoch"):
+        assert [v for _, v in one[tag]] == pytest.approx([v for _, v in two[tag]], rel=1e-5)
+    assert not math.isclose(one["loss/current"][0][1], one["loss/current"][1][1])
