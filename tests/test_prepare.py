@@ -19,6 +19,7 @@ import io
 import json
 import struct
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -93,16 +94,23 @@ def _encoded(image: Image.Image, fmt: str, **params: object) -> bytes:
     return buffer.getvalue()
 
 
-# Expected report line of every source file: (status, words its details must contain). Status
-# "family": one of several copies of the same photo with the same framing (FAMILY names the
-# group); exactly one of them is kept, the one with the most pixels and then the largest file, and
-# the others are reported as its near-duplicates.
-EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {}
-FAMILY: dict[str, str] = {}
+@dataclass
+class Expectations:
+    """What the report must say about each source file.
+
+    ``lines``: relative path -> (status, words its details must contain). Status "family": one of
+    several copies of the same photo with the same framing (``family`` names the group); exactly
+    one of them is kept (the most pixels, then the largest file, then the first name) and the
+    others are reported as its near-duplicates.
+    """
+
+    lines: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+    family: dict[str, str] = field(default_factory=dict)
 
 
-def build_sources(root: Path) -> None:
-    """Write the test source folder (the expectations live in EXPECTED / FAMILY)."""
+def build_sources(root: Path) -> Expectations:
+    """Write the test source folder and return what the report must say about each file."""
+    expected = Expectations()
     astronaut = skimage_photo("astronaut.png").convert("RGB")  # 512x512, face near the top
     (root / "faces").mkdir(parents=True)
     (root / "scenes").mkdir()
@@ -121,9 +129,9 @@ def build_sources(root: Path) -> None:
             data.save(path, **params)
         else:
             path.write_bytes(data)
-        EXPECTED[relative] = (status, words)
+        expected.lines[relative] = (status, words)
         if family:
-            FAMILY[relative] = family
+            expected.family[relative] = family
 
     # Family "upright": the photo as shot, and conversions of it that frame the same face.
     add("faces/astronaut.png", astronaut, "family", "face crop", family="upright")
@@ -179,6 +187,15 @@ def build_sources(root: Path) -> None:
         "converted grayscale (L) to RGB",
         family="upright",
     )
+    add(
+        "faces/astronaut_768.jpg",
+        astronaut.resize((768, 768), Image.Resampling.LANCZOS),
+        "family",
+        "face crop",
+        "resized from",
+        family="upright",
+        quality=95,
+    )
     # Too small once framed: the face is found, but its head-and-shoulders crop is < MIN_SIZE.
     add(
         "faces/astronaut_small.png",
@@ -190,6 +207,8 @@ def build_sources(root: Path) -> None:
     add("faces/astronaut_tiny.png", astronaut.resize((64, 64)), "skipped", "too small: 64x64 px")
 
     # Other framings of the face, each its own family (tilted or mirrored changes the crop).
+    # Cut close to the face: the crop must shrink to keep it centred, a tighter framing.
+    add("faces/astronaut_cropped.png", astronaut.crop((120, 0, 512, 400)), "kept", "face crop", family="cropped")
     canvas = _noise((1000, 800), seed=1)
     canvas.paste(ImageOps.mirror(astronaut).resize((700, 700)), (150, 120))
     add("faces/mirror_canvas.png", canvas, "kept", "face crop", "resized from", family="mirror")
@@ -197,13 +216,16 @@ def build_sources(root: Path) -> None:
     add(
         "faces/tilt_left_exif8.jpg",
         tilted_left,
-        "kept",
+        "family",
         "rotated 90° counter-clockwise (EXIF orientation 8)",
         "face crop",
         family="tilt-left",
         exif=exif,
         quality=95,
     )
+    # A byte-identical copy: the same pixels, so the same output name as the one kept.
+    copy = (root / "faces/tilt_left_exif8.jpg").read_bytes()
+    add("faces/copy_of_tilt_left.jpg", copy, "family", "face crop", family="tilt-left")
     tilted_right, exif = _with_exif_orientation(_tilted(astronaut, -12), 3)
     add(
         "faces/tilt_right_exif3.jpg",
@@ -316,6 +338,7 @@ def build_sources(root: Path) -> None:
     add("scenes/coffee_rgba.txt", b"  \n", "skipped", "empty caption file")
     add("scenes/chelsea_cmyk.caption", b"a cat", "caption", "caption for scenes/chelsea_cmyk.jpg")
     add("scenes/chelsea_cmyk.txt", b"a cat (old caption)", "caption", "not used: scenes/chelsea_cmyk.caption")
+    return expected
 
 
 EXPECTED_CAPTIONS = {  # kept image -> caption file text (the rest get "blh woman")
@@ -339,15 +362,22 @@ def tree_digest(root: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory):
-    """The full source folder prepared once, with two worker processes.
+@dataclass
+class Prepared:
+    source: Path
+    reg: Path
+    out: Path
+    report: dict  # prepare-report.json as written
+    before: tuple[dict[str, str], dict[str, str]]  # source and reg digests before the run
+    expected: Expectations
 
-    Returns (source folder, reg folder, output folder, report JSON, source digests before).
-    """
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
+    """The full source folder prepared once, with two worker processes."""
     root = tmp_path_factory.mktemp("prepare")
     source, reg = root / "photos", root / "reg-photos"
-    build_sources(source)
+    expected = build_sources(source)
     build_reg(reg)
     before = tree_digest(source), tree_digest(reg)
     options = PrepareOptions(
@@ -363,7 +393,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory):
     )
     prepare_dataset(source, root / "dataset", options)
     report = json.loads((root / "dataset" / "prepare-report.json").read_text(encoding="utf-8"))
-    return source, reg, root / "dataset", report, before
+    return Prepared(source, reg, root / "dataset", report, before, expected)
 
 
 def rows_by_source(report: dict, set_name: str = "train") -> dict[str, dict]:
@@ -375,10 +405,9 @@ def details(row: dict) -> str:
 
 
 def test_every_source_file_has_the_expected_report_line(prepared):
-    source, _, _, report, _ = prepared
-    rows = rows_by_source(report)
-    assert sorted(rows) == sorted(tree_digest(source)) == sorted(EXPECTED)
-    for relative, (status, words) in EXPECTED.items():
+    rows = rows_by_source(prepared.report)
+    assert sorted(rows) == sorted(tree_digest(prepared.source)) == sorted(prepared.expected.lines)
+    for relative, (status, words) in prepared.expected.lines.items():
         row = rows[relative]
         if status != "family":
             assert row["status"] == status, (relative, row)
@@ -389,18 +418,19 @@ def test_every_source_file_has_the_expected_report_line(prepared):
 
 
 def test_one_copy_of_each_photo_is_kept_and_the_rest_name_it(prepared):
-    source, _, _, report, _ = prepared
-    rows = rows_by_source(report)
+    rows = rows_by_source(prepared.report)
     families: dict[str, list[str]] = {}
-    for relative, family in FAMILY.items():
+    for relative, family in prepared.expected.family.items():
         families.setdefault(family, []).append(relative)
+
+    def preference(member: str) -> tuple[int, int, str]:
+        width, height = rows[member]["file_size"]
+        return -width * height, -(prepared.source / member).stat().st_size, member
+
     for family, members in families.items():
         kept = [member for member in members if rows[member]["status"] == "kept"]
         assert len(kept) == 1, (family, [(m, rows[m]["status"]) for m in members])
-        best = max(
-            members,
-            key=lambda m: (rows[m]["file_size"][0] * rows[m]["file_size"][1], (source / m).stat().st_size),
-        )
+        best = min(members, key=preference)
         assert kept == [best]
         for member in set(members) - {best}:
             assert rows[member]["status"] == "duplicate"
@@ -413,7 +443,7 @@ def test_one_copy_of_each_photo_is_kept_and_the_rest_name_it(prepared):
 
 
 def test_output_is_a_kohya_layout_of_the_kept_images_and_captions(prepared):
-    _, reg, out, report, _ = prepared
+    reg, out, report = prepared.reg, prepared.out, prepared.report
     files = sorted(path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file())
     expected = {"prepare-report.json"}
     for set_name, folder in (("train", TRAIN_FOLDER), ("reg", REG_FOLDER)):
@@ -442,12 +472,12 @@ def test_output_is_a_kohya_layout_of_the_kept_images_and_captions(prepared):
             expected |= {row["output"], caption.relative_to(out).as_posix()}
     assert files == sorted(expected)
     assert sorted(rows_by_source(report, "reg")) == sorted(tree_digest(reg))
-    assert report["summary"]["train"]["kept"] == 11
+    assert report["summary"]["train"]["kept"] == 12
     assert report["summary"]["reg"] == {"kept": 2, "skipped": 0, "duplicate": 0, "caption": 0}
 
 
 def test_transparent_pixels_become_white(prepared):
-    _, _, out, report, _ = prepared
+    out, report = prepared.out, prepared.report
     row = rows_by_source(report)["scenes/coffee_rgba.png"]
     with Image.open(out / row["output"]) as image:
         top_rows = np.asarray(image)[:20]  # the source's transparent band is the top 60 of 400 px
@@ -477,7 +507,7 @@ def _overlap(first: Box, second: Box) -> float:
 
 
 def test_face_crops_contain_the_face_centred(prepared):
-    source, _, out, report, _ = prepared
+    source, out, report = prepared.source, prepared.out, prepared.report
     checked = 0
     for relative, row in rows_by_source(report).items():
         if row["face_box"] is None:
@@ -499,21 +529,21 @@ def test_face_crops_contain_the_face_centred(prepared):
         assert max(_offset(found[0], frame)) <= MAX_FACE_OFFSET, (relative, found[0])
         assert _overlap(found[0], mapped) > 0.5, (relative, found[0], mapped)
         checked += 1
-    assert checked == 5  # upright, mirror, tilt-left, tilt-right, mirror-tilt
+    assert checked == 6  # upright, cropped, mirror, tilt-left, tilt-right, mirror-tilt
 
 
 def test_source_folders_are_never_modified(prepared):
-    source, reg, _, _, before = prepared
+    source, reg, before = prepared.source, prepared.reg, prepared.before
     assert (tree_digest(source), tree_digest(reg)) == before
 
 
 def test_plan_accepts_the_output_unchanged(prepared, capsys):
     from loralab.data.discovery import discover_dataset
 
-    _, _, out, report, _ = prepared
+    out, report = prepared.out, prepared.report
     dataset = discover_dataset(out / "img", out / "reg", ".caption")
     assert [(s.repeats, s.class_tokens, s.num_images) for s in dataset.train] == [
-        (REPEATS, f"{TOKEN} {CLASS}", 11)
+        (REPEATS, f"{TOKEN} {CLASS}", 12)
     ]
     assert [(s.repeats, s.class_tokens, s.num_images) for s in dataset.reg] == [(1, CLASS, 2)]
     assert not dataset.skipped
@@ -529,9 +559,9 @@ def test_plan_accepts_the_output_unchanged(prepared, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     plan = json.loads(captured.out)
-    assert plan["num_train_images"] == 11 * REPEATS
+    assert plan["num_train_images"] == 12 * REPEATS
     assert plan["num_reg_images"] == 2
-    assert sum(bucket["count"] for bucket in plan["buckets"]) == 11 * REPEATS + plan["reg_images_per_epoch"]
+    assert sum(bucket["count"] for bucket in plan["buckets"]) == 12 * REPEATS + plan["reg_images_per_epoch"]
 
 
 @pytest.fixture
@@ -805,3 +835,31 @@ def test_wide_samples_are_rescaled_to_8_bits(tmp_path, mode, samples, expected):
     loaded = load_image(path)
     assert [loaded.image.getpixel((x, 0))[0] for x in range(3)] == expected
     assert "grayscale" in loaded.actions[0] and "to 8-bit RGB" in loaded.actions[0]
+
+
+@pytest.mark.parametrize("aspect", [1.0, 1.5, 2 / 3])
+def test_face_crop_geometry_holds_for_any_face_position(aspect):
+    """Always inside the photo and around the whole face; centred always for square crops, and
+    for other aspect ratios except beside an edge where centring would cut the face."""
+    from loralab.data.prepare.framing import MAX_FACE_OFFSET, face_crop
+
+    rng = np.random.default_rng(7)
+    off_centre = 0
+    for _ in range(2000):
+        height = int(rng.integers(64, 2000))
+        width = max(16, round(height * aspect * rng.uniform(0.8, 1.25)))  # photos near the bucket's shape
+        # Faces from 5% to 45% of the shorter side, anywhere, including touching the edges.
+        side = int(rng.integers(max(4, min(width, height) // 20), min(width, height) * 45 // 100))
+        left, top = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
+        face = Box(left, top, left + side, top + side)
+        crop = face_crop((width, height), face, aspect)
+        assert Box(0, 0, width, height).contains(crop)
+        assert abs(crop.width / crop.height - aspect) <= 2 / min(crop.width, crop.height) + 1e-9
+        assert crop.contains(face), (width, height, face, crop)
+        offset_x, offset_y = _offset(face, crop)  # within the bound, up to one pixel of rounding
+        if max(offset_x - 1 / crop.width, offset_y - 1 / crop.height) > MAX_FACE_OFFSET:
+            assert aspect != 1.0, (width, height, face, crop)
+            # Off-centre only because a centred crop of this shape would be shorter than the face.
+            assert crop.height <= max(face.height, face.width / aspect) + 1, (width, height, face, crop)
+            off_centre += 1
+    assert off_centre < 200  # the edge cases stay the exception

@@ -262,3 +262,52 @@ def test_two_processes_with_half_the_batch_give_the_same_lora(workspace, tmp_pat
     for tag in ("loss/current", "loss/epoch"):
         assert [v for _, v in one[tag]] == pytest.approx([v for _, v in two[tag]], rel=1e-5)
     assert not math.isclose(one["loss/current"][0][1], one["loss/current"][1][1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Families
+
+
+def test_sdxl_trains_the_unet_on_cached_text_encodings(workspace, tmp_path):
+    checkpoint = make_tiny("sdxl", "single-file", tmp_path / "sdxl.safetensors")
+    config = tiny_config(
+        checkpoint, workspace.single, sdxl=True, max_train_epochs=1, network_train_unet_only=True,
+        cache_text_encoder_outputs=True,
+    )  # fmt: skip
+    result = train(config, run_dir=tmp_path / "run", progress="quiet")
+    lora = read_lora_file(result.final_lora)
+    assert lora.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    names = {name for name in lora.modules()}
+    assert names and all(name.startswith("lora_unet_") for name in names)
+    assert any(name.startswith("lora_unet_input_blocks_") for name in names)  # SGM naming
+    assert set(series(result.run_dir)) == KOHYA_TAGS - {"lr/textencoder", "lr/d*lr"}
+
+
+def test_v_prediction_models_train_on_the_velocity(workspace, tmp_path):
+    """The first logged loss equals the v-prediction loss computed by hand from the same
+    batch, noise and timesteps (a new LoRA changes nothing until it has trained)."""
+    from loralab.data.dataset import TrainingDataset
+    from loralab.data.latent_cache import LatentCache
+    from loralab.train.noise import NoiseSettings, draw_noise_and_timesteps
+
+    checkpoint = make_tiny("sd2v", "single-file", tmp_path / "sd2v.safetensors")
+    config = tiny_config(checkpoint, workspace.single, v2=True, v_parameterization=True, max_train_epochs=1)
+    result = train(config, run_dir=tmp_path / "run", progress="quiet")
+    metadata = read_lora_file(result.final_lora).metadata
+    assert metadata["ss_base_model_version"] == "sd_v2_v" and metadata["modelspec.prediction_type"] == "v"
+
+    components = load_checkpoint(checkpoint)
+    dataset = TrainingDataset.from_config(config).with_latent_cache(LatentCache.for_vae(components.vae, source=checkpoint))
+    batch = dataset.batch(1, 0)
+    drawn = draw_noise_and_timesteps(batch.latents, seed=config.seed, global_step=0, sample_indices=[0, 1],
+                                     settings=NoiseSettings.from_config(config))  # fmt: skip
+    scheduler = components.noise_scheduler
+    noisy = scheduler.add_noise(batch.latents, drawn.noise, drawn.timesteps)
+    ids = tokenize_captions(components.tokenizers[0], batch.captions)
+    with torch.no_grad():
+        context = encode_text(components.family, components.text_encoders, [ids], eos_token_ids=[49407])
+        prediction = components.unet(noisy, drawn.timesteps, encoder_hidden_states=context.encoder_hidden_states).sample
+    velocity = scheduler.get_velocity(batch.latents, drawn.noise, drawn.timesteps)
+    first_loss = series(result.run_dir)["loss/current"][0][1]
+    assert first_loss == pytest.approx(torch.nn.functional.mse_loss(prediction, velocity).item(), rel=1e-5)
+    assert first_loss != pytest.approx(torch.nn.functional.mse_loss(prediction, drawn.noise).item(), rel=1e-3)

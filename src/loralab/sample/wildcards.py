@@ -21,6 +21,7 @@ from __future__ import annotations
 import random
 import re
 from pathlib import Path
+from typing import Any
 
 from loralab.errors import LoralabError
 
@@ -45,12 +46,20 @@ class Wildcards:
 
     def __init__(self, folder: Path | str | None = None) -> None:
         # Imported here: dynamicprompts pulls in its parser on import, which plain generation skips.
+        from dynamicprompts.commands.base import SamplingMethod
+        from dynamicprompts.sampling_context import SamplingContext
         from dynamicprompts.wildcards import WildcardManager
 
         self.folder = Path(folder) if folder is not None else None
         if self.folder is not None and not self.folder.is_dir():
             raise WildcardError(f"wildcards folder not found: {self.folder}")
         self._manager = WildcardManager(self.folder)
+        # Dynamic Prompts' random mode, with its generator reseeded per expansion (what its
+        # RandomPromptGenerator does); parsed templates are kept, as sweeps expand one many times.
+        self._context = SamplingContext(
+            wildcard_manager=self._manager, default_sampling_method=SamplingMethod.RANDOM, rand=random.Random()
+        )
+        self._parsed: dict[str, Any] = {}
 
     def names(self) -> list[str]:
         """The wildcard names available (``scene``, ``checkpoints/photo`` ...), sorted."""
@@ -63,11 +72,13 @@ class Wildcards:
         """
         if "{" not in template and "__" not in template:
             return template  # nothing to expand: skip the parser
-        from dynamicprompts.generators import RandomPromptGenerator
-
-        generator = RandomPromptGenerator(self._manager, seed=seed)
         try:
-            (expanded,) = generator.generate(template, 1)
+            if template not in self._parsed:
+                from dynamicprompts.parser.parse import parse
+
+                self._parsed[template] = parse(template, parser_config=self._context.parser_config)
+            self._context.rand.seed(seed)
+            expanded = str(next(iter(self._context.sample_prompts(self._parsed[template], 1))))
         except Exception as exc:  # the parser raises its own exception types for malformed syntax
             raise WildcardError(f"cannot expand {template[:80]!r}: {exc}") from None
         self._check_resolved(expanded)

@@ -58,6 +58,8 @@ from loralab.train.tb_logging import LossRecorder, MetricsLogger, peak_memory_mb
 
 logger = logging.getLogger(__name__)
 
+_TOKEN_MEMO_SIZE = 4096  # distinct captions whose token ids a run remembers
+
 
 @dataclass(frozen=True)
 class StepReport:
@@ -114,6 +116,7 @@ class TrainingSession:
     data_workers: int = 0
     lora_files: list[Path] = field(default_factory=list)
     last_good_lora: Path | None = None
+    token_ids: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -154,7 +157,10 @@ def train_loop(s: TrainingSession) -> LoopOutcome:
     for epoch in range(s.start.epoch, plan.epochs):
         consumed = s.start.step_in_epoch if epoch == s.start.epoch else 0
         # The dataset counts epochs from 1 (as kohya logs them); its order is a function of (seed, epoch).
-        batches = iter(s.dataset.loader(epoch + 1, consumed, num_workers=s.data_workers))
+        # A DataLoader draws its workers' base seed from the global RNG; shielding that draw keeps
+        # the LoRA dropout stream the same whether an epoch starts fresh or mid-way on resume.
+        with torch.random.fork_rng(devices=[]):
+            batches = iter(s.dataset.loader(epoch + 1, consumed, num_workers=s.data_workers))
         while global_step < plan.max_train_steps:
             window = list(islice(batches, accumulation))
             if not window:
@@ -215,7 +221,7 @@ def train_loop(s: TrainingSession) -> LoopOutcome:
                 (s.grad_scaler.scale(share) if s.grad_scaler is not None else share).backward()
 
             # 9. Agree across processes on the losses (for logging) and on non-finite batches.
-            totals = acc.reduce(stats.to(device), reduction="sum").cpu()
+            totals = _sum_over_processes(acc, stats)
             batch_losses = [float(totals[i]) / len(window[i]) for i in range(len(window))]
             skipped = bool(totals[-1] > 0)
             if skipped and s.on_non_finite == "stop":
@@ -234,7 +240,7 @@ def train_loop(s: TrainingSession) -> LoopOutcome:
                     s.grad_scaler.unscale_(s.optimizer)
                 # 11. Clip, then step (the scaler skips steps whose fp16 gradients overflowed).
                 if config.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm, foreach=True)
                 if s.grad_scaler is not None:
                     s.grad_scaler.step(s.optimizer)
                     s.grad_scaler.update()
@@ -324,7 +330,7 @@ def _encode_captions(s: TrainingSession, captions: list[str], *, trains: bool) -
     if s.text_cache is not None and not trains:
         return s.text_cache.encode(captions, dtype=s.precision.compute_dtype)
     tokenizers = s.components.tokenizers
-    ids = [tokenize_captions(tokenizer, captions, s.config.max_token_length) for tokenizer in tokenizers]
+    ids = [torch.cat([_token_ids(s, index, caption) for caption in captions]) for index in range(len(tokenizers))]
     with torch.set_grad_enabled(trains):
         return encode_text(
             s.components.family,
@@ -333,6 +339,17 @@ def _encode_captions(s: TrainingSession, captions: list[str], *, trains: bool) -
             eos_token_ids=[tokenizer.eos_token_id for tokenizer in tokenizers],
             clip_skip=effective_clip_skip(s.components.family, s.config.clip_skip),
         )
+
+
+def _token_ids(s: TrainingSession, encoder_index: int, caption: str) -> torch.Tensor:
+    """Token ids ``(1, n, 77)`` of one caption, remembered for the run (captions repeat every epoch)."""
+    key = (encoder_index, caption)
+    ids = s.token_ids.get(key)
+    if ids is None:
+        ids = tokenize_captions(s.components.tokenizers[encoder_index], [caption], s.config.max_token_length)
+        if len(s.token_ids) < _TOKEN_MEMO_SIZE:  # shuffled or dropped captions could grow it without bound
+            s.token_ids[key] = ids
+    return ids
 
 
 def _local_part(batch: Batch, rank: int, world: int, per_process: int) -> tuple[Batch | None, list[int]]:
@@ -368,10 +385,17 @@ def _sum_gradients_over_processes(acc: Any, params: list[torch.nn.Parameter]) ->
         offset += count
 
 
+def _sum_over_processes(acc: Any, values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over all processes (on the CPU); one process skips the collective."""
+    if acc.num_processes == 1:
+        return values
+    return acc.reduce(values.to(acc.device), reduction="sum").cpu()
+
+
 def _stop_agreed(acc: Any, stop: StopSignals) -> bool:
     """True on every process once any of them received a stop signal."""
-    flag = torch.tensor([1.0 if stop.requested else 0.0], device=acc.device)
-    return bool(acc.reduce(flag, reduction="max").item() > 0)
+    flag = torch.tensor([1.0 if stop.requested else 0.0])
+    return bool(_sum_over_processes(acc, flag).item() > 0)
 
 
 @torch.no_grad()

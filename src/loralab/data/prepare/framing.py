@@ -30,7 +30,8 @@ def face_crop(image_size: Size, face: Box, aspect: float) -> Box:
 
     The crop is as large as :data:`HEAD_AND_SHOULDERS` asks, but never larger than the photo,
     and never so large that the photo's edges force the face off-centre by more than
-    :data:`MAX_FACE_OFFSET` of the crop's side.
+    :data:`MAX_FACE_OFFSET` of the crop's side. A square crop always achieves both; a crop of
+    another aspect ratio beside an edge may not, and then keeps the whole face, off-centre.
     """
     width, height = image_size
     centre_x, centre_y = face.centre
@@ -46,12 +47,26 @@ def face_crop(image_size: Size, face: Box, aspect: float) -> Box:
     wanted_short_side = HEAD_AND_SHOULDERS * max(face.width, face.height)
     wanted_height = wanted_short_side if aspect >= 1 else wanted_short_side / aspect
     crop_height = min(wanted_height, *limits)
+    # A whole face matters more than a centred one: a wide crop beside the photo's left or right
+    # edge (or a tall one near the top or bottom) can be too short for the face while staying
+    # centred; then it takes the face's size and lets the face sit off-centre.
+    needed_height = max(face.height, face.width / aspect)
+    if crop_height < needed_height:
+        crop_height = min(math.ceil(needed_height), height, width / aspect)
     crop_w, crop_h = _integer_size(crop_height * aspect, crop_height, image_size)
     # The crop centre sits below the face centre by FACE_ABOVE_CENTRE (< MAX_FACE_OFFSET), then
-    # the crop is slid back inside the photo; the limits above guarantee the offset stays small.
-    left = _clamp(round(centre_x - crop_w / 2), 0, width - crop_w)
-    top = _clamp(round(centre_y + FACE_ABOVE_CENTRE * crop_h - crop_h / 2), 0, height - crop_h)
+    # the crop is slid to keep the whole face and stay inside the photo; the limits above
+    # guarantee the face stays near the centre.
+    left = _place(centre_x - crop_w / 2, crop_w, face.left, face.right, width)
+    top = _place(centre_y + FACE_ABOVE_CENTRE * crop_h - crop_h / 2, crop_h, face.top, face.bottom, height)
     return Box(left, top, left + crop_w, top + crop_h)
+
+
+def _place(wanted_start: float, length: int, face_start: int, face_end: int, image_length: int) -> int:
+    """Start of a crop span near ``wanted_start`` that covers the face span and fits the image."""
+    low = max(0, min(face_start, face_end - length))
+    high = min(image_length - length, max(face_start, face_end - length))
+    return _clamp(round(wanted_start), low, max(low, high))
 
 
 def centre_crop(image_size: Size, aspect: float) -> Box:
@@ -62,20 +77,6 @@ def centre_crop(image_size: Size, aspect: float) -> Box:
     left = (width - crop_w) // 2
     top = (height - crop_h) // 2
     return Box(left, top, left + crop_w, top + crop_h)
-
-
-def face_offset(crop: Box, face: Box) -> tuple[float, float]:
-    """How far the face centre is from the crop centre, as fractions of the crop's width/height."""
-    crop_x, crop_y = crop.centre
-    face_x, face_y = face.centre
-    return abs(face_x - crop_x) / crop.width, abs(face_y - crop_y) / crop.height
-
-
-def downscale_to_fit(size: Size, target: Size) -> Size:
-    """``size`` scaled down (never up) to fit inside ``target``, keeping its aspect ratio."""
-    width, height = size
-    scale = min(1.0, target[0] / width, target[1] / height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def downscale_to_area(size: Size, max_area: int) -> Size:

@@ -60,7 +60,6 @@ class LoadedImage:
     image: Image.Image
     file_size: tuple[int, int]  # (width, height) as stored in the file's header
     file_bytes: int
-    file_format: str
     actions: list[str] = field(default_factory=list)
 
 
@@ -114,10 +113,9 @@ def _heif_hint(handle: io.BufferedReader) -> str:
 
 def _decode(image: Image.Image, file_bytes: int, *, min_side: int, max_decode_pixels: int) -> LoadedImage:
     width, height = image.size
-    file_format = image.format or "unknown"
     if min(width, height) < min_side:
         raise UnusableImage(f"too small: {width}x{height} px, shorter side below --min-size {min_side}")
-    loaded = LoadedImage(image, (width, height), file_bytes, file_format)
+    loaded = LoadedImage(image, (width, height), file_bytes)
     if width * height > max_decode_pixels:
         _decode_reduced(image, max_decode_pixels, loaded)
     frames = getattr(image, "n_frames", 1)

@@ -23,7 +23,7 @@ from loralab.data.prepare.box import Box
 from loralab.data.prepare.dedupe import perceptual_hash
 from loralab.data.prepare.faces import detect_faces
 from loralab.data.prepare.files import temporary_sibling
-from loralab.data.prepare.framing import centre_crop, downscale_to_area, face_crop
+from loralab.data.prepare.framing import MAX_FACE_OFFSET, centre_crop, downscale_to_area, face_crop
 from loralab.data.prepare.image_io import UnusableImage, load_image
 
 CropMode = Literal["square", "bucket", "none"]
@@ -133,7 +133,9 @@ def _frame(
         crop = face_crop(image.size, face, aspect)
         outcome.face_box = face
         among = f", the largest of {len(faces)} faces" if len(faces) > 1 else ""
-        outcome.actions.append(f"face crop at box {crop} around face {face}{among}")
+        outcome.actions.append(
+            f"face crop at box {crop} around face {face}{among}{_off_centre_words(face, crop)}"
+        )
     else:
         crop = centre_crop(image.size, aspect)
         why = "no face found" if settings.face_focus else "--face-focus off"
@@ -142,6 +144,14 @@ def _frame(
         else:
             outcome.actions.append(f"centre crop at box {crop} ({why})")
     return crop, target
+
+
+def _off_centre_words(face: Box, crop: Box) -> str:
+    (face_x, face_y), (crop_x, crop_y) = face.centre, crop.centre
+    offset = max(abs(face_x - crop_x) / crop.width, abs(face_y - crop_y) / crop.height)
+    if offset <= MAX_FACE_OFFSET + 1 / min(crop.width, crop.height):  # one pixel of rounding
+        return ""
+    return f" (off-centre by {offset:.0%}: the face is at the photo's edge)"
 
 
 def _aspect_words(target: tuple[int, int]) -> str:

@@ -109,6 +109,9 @@ def prepare_dataset(source_dir: Path, out_dir: Path, options: PrepareOptions) ->
     Returns the report (also written to ``out_dir/prepare-report.json`` unless ``dry_run``).
     Raises PrepareError for bad options or folders, and when no training image is usable (with
     the report attached, so the caller can still show every file's reason).
+
+    With more than one worker the images are prepared in "spawn" worker processes, so a script
+    that calls this must do so under ``if __name__ == "__main__":`` (as for any multiprocessing).
     """
     options = _checked_options(options)
     source_dir = Path(source_dir).resolve()

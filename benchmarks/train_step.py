@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""How close ``loralab train`` runs to the bare compute floor of a LoRA training step.
+
+Usage: ``python benchmarks/train_step.py [--full] [--steps N] [--repeats R] [--threads T]``
+
+For a tiny and a medium SD1-layout model (random weights, written as single-file checkpoints)
+it trains with ``loralab.train.run.train`` and measures each step as the wall time between
+consecutive steps' TensorBoard events (everything the loop does: data, noise, loss weighting,
+logging). In the same process it then times the floor: the same model with the same LoRA (rank,
+alpha, UNet and text encoder), the same shapes, and the same optimizer, doing only text-encoder
+forward, UNet forward, MSE, backward and the optimizer step. It prints the medians and
+``ratio = ours / floor`` (target <= 1.05).
+
+``--full`` adds a randomly initialised full-size SD1.5 (written in fp16 to a temporary file,
+about 2 GB; ``--checkpoint FILE`` reuses one) at 64 px, batch 1, rank 4, AdamW, fp32, latents
+cached, UNet and text encoder trained, run through the real CLI in a child process: s/step,
+time from the child's launch to its first finished step, and its peak RSS; then the floor in
+this process. The child gets glibc's ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
+(unless already set), which cut page-fault work per step on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+CAPTION = "blh woman"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    resolution: int
+    unet_channels: tuple[int, ...]
+    attention_levels: tuple[bool, ...]
+    cross_attention_dim: int
+    text_hidden: int
+    text_layers: int
+
+
+TINY = ModelSpec("tiny", 64, (32, 64), (True, False), 32, 32, 2)
+MEDIUM = ModelSpec("medium", 128, (128, 256, 512), (True, True, False), 512, 512, 6)
+
+
+def write_model(spec: ModelSpec, out: Path) -> Path:
+    """A random SD1-layout checkpoint of ``spec``'s sizes, through loralab's own config builders."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from loralab.models.architecture import TextEncoderSizes, UNetSizes, VaeSizes, text_encoder_config, unet_config, vae_config
+    from loralab.models.family import ModelFamily
+    from loralab.models.loading import StableDiffusionComponents, make_noise_scheduler
+    from loralab.models.saving import save_single_file
+    from loralab.models.tokenizer import load_clip_tokenizer
+
+    family = ModelFamily.SD1
+    levels = len(spec.unet_channels)
+    unet = UNetSizes(4, 4, spec.unet_channels, 1, spec.attention_levels, (1,) * levels, 1, spec.cross_attention_dim, False)
+    vae = VaeSizes(3, 3, (32, 32, 64, 64), 1, 4)
+    text = TextEncoderSizes(spec.text_hidden, spec.text_layers, 4 * spec.text_hidden, 49408, 77)
+    torch.manual_seed(0)
+    components = StableDiffusionComponents(
+        family=family,
+        v_prediction=False,
+        unet=UNet2DConditionModel.from_config(unet_config(family, unet)),
+        vae=AutoencoderKL.from_config(vae_config(family, vae)),
+        text_encoders=[CLIPTextModel(CLIPTextConfig(**text_encoder_config(family, family.spec.text_encoders[0], text)))],
+        tokenizers=[load_clip_tokenizer()],
+        noise_scheduler=make_noise_scheduler(False),
+        source=out,
+    )
+    return save_single_file(components, out)
+
+
+def write_dataset(root: Path, size: int, images: int = 4) -> Path:
+    folder = root / "img" / f"1_{CAPTION}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for index in range(images):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    return root / "img"
+
+
+def bench_config(checkpoint: Path, data: Path, resolution: int, steps: int, threads: int, rank: int):
+    from loralab.config.schema import TrainConfig
+
+    return TrainConfig(
+        pretrained_model_name_or_path=str(checkpoint),
+        train_data_dir=data,
+        resolution=resolution,
+        train_batch_size=1,
+        max_train_steps=steps,
+        optimizer_type="AdamW",
+        learning_rate=1e-4,
+        network_dim=rank,
+        network_alpha=rank,
+        cache_latents=True,
+        num_cpu_threads_per_process=threads,
+        max_data_loader_n_workers=0,
+        output_name="bench",
+    )
+
+
+def step_times(run_dir: Path) -> list[float]:
+    """Seconds between consecutive steps' first logged event (the loop's whole iteration)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "logs"), size_guidance={"scalars": 0})
+    events.Reload()
+    stamps = [event.wall_time for event in events.Scalars("loss/current")]
+    return [later - earlier for earlier, later in zip(stamps, stamps[1:])]
+
+
+def floor_seconds(checkpoint: Path, resolution: int, rank: int, repeats: int) -> list[float]:
+    """The bare step: TE forward, UNet forward, MSE, backward, AdamW step; same model and LoRA."""
+    from loralab.models.loading import load_checkpoint
+    from loralab.network.lora import LoRANetwork, NetworkSpec
+    from loralab.train.conditioning import encode_text, tokenize_captions
+
+    components = load_checkpoint(checkpoint)
+    for module in (components.unet, components.vae, *components.text_encoders):
+        module.requires_grad_(False)
+    network = LoRANetwork.create(components, NetworkSpec(rank=rank, alpha=rank))
+    network.apply_to(components)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
+    latent = resolution // 8
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, latent, latent, generator=generator)
+    noise = torch.randn(1, 4, latent, latent, generator=generator)
+    ids = tokenize_captions(components.tokenizers[0], [CAPTION])
+    timesteps = torch.tensor([500])
+    times = []
+    for _ in range(repeats + 2):  # two warm-up steps
+        started = time.perf_counter()
+        context = encode_text(components.family, components.text_encoders, [ids], eos_token_ids=[49407])
+        prediction = components.unet(latents, timesteps, encoder_hidden_states=context.encoder_hidden_states).sample
+        torch.nn.functional.mse_loss(prediction, noise).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    return times[2:]
+
+
+def compare(spec: ModelSpec, work: Path, steps: int, repeats: int, threads: int, rank: int, rounds: int) -> None:
+    """Alternate our run and the floor ``rounds`` times (a shared machine's load drifts) and
+    compare the medians of all their steps."""
+    from loralab.train.run import train
+
+    checkpoint = write_model(spec, work / f"{spec.name}.safetensors")
+    data = write_dataset(work / spec.name, spec.resolution)
+    config = bench_config(checkpoint, data, spec.resolution, steps, threads, rank)
+    ours, floor = [], []
+    for round_index in range(rounds):
+        run_dir = work / f"{spec.name}-run{round_index}"
+        train(config, run_dir=run_dir, progress="quiet")
+        ours += step_times(run_dir)[2:]
+        torch.set_num_threads(threads)
+        floor += floor_seconds(checkpoint, spec.resolution, rank, repeats)
+    ours_median, floor_median = statistics.median(ours), statistics.median(floor)
+    print(f"{spec.name:<7} {spec.resolution:>4}px  ours {ours_median * 1000:8.1f} ms/step  "
+          f"floor {floor_median * 1000:8.1f} ms/step  ratio {ours_median / floor_median:5.3f}", flush=True)  # fmt: skip
+
+
+def full_size(work: Path, checkpoint: Path | None, steps: int, repeats: int, threads: int) -> None:
+    from loralab.config.loading import save_config
+    from loralab.models.family import ModelFamily
+    from loralab.models.tiny import write_random_full_size
+
+    if checkpoint is None:
+        started = time.perf_counter()
+        checkpoint = write_random_full_size(ModelFamily.SD1, work / "sd15-random.safetensors")
+        print(f"full    wrote random SD1.5 ({checkpoint.stat().st_size / 2**30:.2f} GiB) in "
+              f"{time.perf_counter() - started:.1f} s", flush=True)  # fmt: skip
+    data = write_dataset(work / "full", 64)
+    config_path = work / "full.toml"
+    save_config(bench_config(checkpoint, data, 64, steps, threads, rank=4), config_path)
+    # Fill the latent cache first: the measured run then starts as a rerun of a sweep does.
+    cache_env = {**os.environ, "LORALAB_CACHE_DIR": str(work / "cache"), **{k: os.environ.get(k, v) for k, v in MALLOC_ENV.items()}}
+    command = [sys.executable, "-m", "loralab", "train", str(config_path), "--quiet", "--run-dir"]
+    subprocess.run([*command, str(work / "full-warm"), "--set", "max_train_steps=1"], env=cache_env, check=True)
+    launched = time.time()
+    subprocess.run([*command, str(work / "full-run")], env=cache_env, check=True)
+    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB (max of the children)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(work / "full-run" / "logs"), size_guidance={"scalars": 0})
+    events.Reload()
+    first_step = events.Scalars("loss/current")[0].wall_time - launched
+    ours = statistics.median(step_times(work / "full-run")[1:])
+    torch.set_num_threads(threads)
+    floor = statistics.median(floor_seconds(checkpoint, 64, 4, repeats))
+    print(f"full    SD1.5 64px  ours {ours:.3f} s/step  floor {floor:.3f} s/step  ratio {ours / floor:5.3f}  "
+          f"launch-to-first-step {first_step:.1f} s  peak RSS {peak_rss:.2f} GiB", flush=True)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="also benchmark a random full-size SD1.5 (~2 GB file, ~7 GB RAM)")
+    parser.add_argument("--checkpoint", type=Path, help="full-size SD1.5 checkpoint to use instead of writing one")
+    parser.add_argument("--steps", type=int, default=12, help="training steps per run (the first two are warm-up)")
+    parser.add_argument("--repeats", type=int, default=8, help="timed floor steps")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
+    parser.add_argument("--rank", type=int, default=4, help="LoRA rank of the tiny/medium runs")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of our run and the floor (tiny/medium)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory(prefix="loralab-bench-") as folder:
+        work = Path(folder)
+        os.environ["LORALAB_CACHE_DIR"] = str(work / "cache")
+        print(f"torch {torch.__version__}, {args.threads} threads; medians of {args.rounds} x {args.steps - 2} steps "
+              f"(ours) and {args.rounds} x {args.repeats} steps (floor)")
+        for spec in (TINY, MEDIUM):
+            compare(spec, work, args.steps, args.repeats, args.threads, args.rank, args.rounds)
+        if args.full:
+            full_size(work, args.checkpoint, args.steps, args.repeats, args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
