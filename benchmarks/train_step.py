@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank of the tiny/medium runs")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of our run and the floor (tiny/medium)")
+    parser.add_argument("--skip-small", action="store_true", help="leave out the tiny and medium models")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="loralab-bench-") as folder:
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["LORALAB_CACHE_DIR"] = str(work / "cache")
         print(f"torch {torch.__version__}, {args.threads} threads; medians of {args.rounds} x {args.steps - 2} steps "
               f"(ours) and {args.rounds} x {args.repeats} steps (floor)")
-        for spec in (TINY, MEDIUM):
+        for spec in () if args.skip_small else (TINY, MEDIUM):
             compare(spec, work, args.steps, args.repeats, args.threads, args.rank, args.rounds)
         if args.full:
             full_size(work, args.checkpoint, args.steps, args.repeats, args.threads)

@@ -231,7 +231,7 @@ def train_vae(vae: torch.nn.Module, args: argparse.Namespace, deadline: float) -
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        return float(loss)
+        return loss.item()
 
     run_loop(record, deadline, args.log_every, step)
     vae.eval()
@@ -363,7 +363,7 @@ def train_denoiser(
         optimizer.step()
         scheduler.step()
         ema.update(index)
-        return float(loss)
+        return loss.item()
 
     run_loop(record, deadline, args.log_every, step)
     ema.copy_to_model()

@@ -263,13 +263,14 @@ def _extra_token_rows(text_encoder: Any, extra: torch.Tensor) -> Iterator[int]:
 
 def apply_emphasis(hidden: torch.Tensor, multipliers: torch.Tensor, emphasis: str) -> torch.Tensor:
     """Weight one chunk's vectors ``(77, width)`` by ``multipliers`` ``(77,)`` as A1111's ``emphasis`` does."""
-    if emphasis in ("Ignore", "None"):
-        return hidden
+    if emphasis in ("Ignore", "None") or bool((multipliers == 1).all()):
+        return hidden  # all weights 1: exactly unchanged (also when the mean is 0, where 0/0 would be NaN)
     weighted = hidden * multipliers.to(hidden.dtype).unsqueeze(-1)
-    if emphasis == "No norm":
+    new_mean = weighted.mean()
+    if emphasis == "No norm" or new_mean == 0:
         return weighted
     # "Original": restore the chunk's mean (A1111: "it seems to work well to prevent artifacts").
-    return weighted * (hidden.mean() / weighted.mean())
+    return weighted * (hidden.mean() / new_mean)
 
 
 class PromptEncoder:

@@ -20,7 +20,8 @@ seed, size and clip skip. The engine:
 
 When a prompt and its negative need different numbers of 75-token chunks, the shorter is padded
 with chunks of the empty prompt (A1111's "pad prompt/negative prompt to be same length" option):
-diffusers runs both through the UNet as one batch.
+diffusers runs both through the UNet as one batch. Prompts of different lengths are never padded
+to each other's length: a batch is split by length, so no image depends on its batch.
 
 Each result carries its A1111 infotext (``png_info.GenerationParameters``) with model, VAE, LoRA
 and embedding hashes; :meth:`GeneratedImage.save` writes it into the PNG.
@@ -281,15 +282,41 @@ class GenerationEngine:
         encoder = self._encoder(model, first.request.clip_skip)
         positives = [encoder.encode(p.prompt_text) for p in batch]
         negatives = [encoder.encode(p.request.negative_prompt, negative=True) for p in batch]
-        chunks = max(e.num_chunks for e in (*positives, *negatives))
+        # Prompts of different lengths run in separate calls: padding one to another's length would
+        # make an image depend on what else is in its batch.
+        lengths = [max(pos.num_chunks, neg.num_chunks) for pos, neg in zip(positives, negatives)]
+        images: list[Image.Image | None] = [None] * len(batch)
+        for length in dict.fromkeys(lengths):
+            members = [i for i, n in enumerate(lengths) if n == length]
+            rendered = self._call_pipeline(
+                model, [batch[i] for i in members], [positives[i] for i in members], [negatives[i] for i in members],
+                encoder, length,
+            )  # fmt: skip
+            for i, image in zip(members, rendered):
+                images[i] = image
+        return [
+            GeneratedImage(image, p.request, self._parameters(p, (*pos.embeddings, *neg.embeddings)))
+            for image, p, pos, neg in zip(images, batch, positives, negatives)
+        ]
+
+    def _call_pipeline(
+        self,
+        model: _LoadedModel,
+        batch: Sequence[PreparedRequest],
+        positives: Sequence[PromptEmbedding],
+        negatives: Sequence[PromptEmbedding],
+        encoder: PromptEncoder,
+        chunks: int,
+    ) -> list[Image.Image]:
+        """One diffusers call for requests whose prompts and negatives pad to ``chunks`` chunks."""
         padding = encoder.encode("") if any(e.num_chunks < chunks for e in (*positives, *negatives)) else None
 
-        def stacked(embeddings: list[PromptEmbedding]) -> torch.Tensor:
+        def stacked(embeddings: Sequence[PromptEmbedding]) -> torch.Tensor:
             return torch.cat([_padded(e.hidden, chunks, padding) for e in embeddings])
 
-        request = first.request
+        request = batch[0].request
         seeds = [p.request.seed for p in batch]
-        model.pipeline.scheduler = build_scheduler(first.sampler, model.components.noise_scheduler, noise_seed=seeds[0])
+        model.pipeline.scheduler = build_scheduler(batch[0].sampler, model.components.noise_scheduler, noise_seed=seeds[0])
         kwargs: dict[str, Any] = {
             "prompt_embeds": stacked(positives),
             "negative_prompt_embeds": stacked(negatives),
@@ -303,11 +330,7 @@ class GenerationEngine:
         if model.components.family is ModelFamily.SDXL:
             kwargs["pooled_prompt_embeds"] = torch.cat([e.pooled for e in positives])
             kwargs["negative_pooled_prompt_embeds"] = torch.cat([e.pooled for e in negatives])
-        images = model.pipeline(**kwargs).images
-        return [
-            GeneratedImage(image, p.request, self._parameters(p, (*pos.embeddings, *neg.embeddings)))
-            for image, p, pos, neg in zip(images, batch, positives, negatives)
-        ]
+        return model.pipeline(**kwargs).images
 
     # --- models and LoRAs ------------------------------------------------------------------------
 

@@ -338,4 +338,5 @@ def tokenize_pieces(tokenizer: object, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text, without start/end tokens and untruncated (chunking splits them)."""
     if not texts:
         return []
-    return tokenizer(list(texts), truncation=False, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    # verbose=False: a prompt longer than 77 tokens is expected here (it is chunked), not a mistake.
+    return tokenizer(list(texts), truncation=False, add_special_tokens=False, verbose=False)["input_ids"]  # type: ignore[operator]

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loralab.config.loading import write_text_atomic
-from loralab.train.saving import LORA_SUFFIX
 
 SWEEP_FILE = "sweep.toml"
 EVALUATION_FILE = "evaluation.json"
@@ -120,6 +119,8 @@ class SavePoint:
 
 def save_points(directory: Path, output_name: str) -> list[SavePoint]:
     """The LoRA files ``output_name`` left in a run directory, in training order."""
+    from loralab.train.saving import LORA_SUFFIX  # imported here: reading a sweep folder needs no torch
+
     directory = Path(directory)
     pattern = re.compile(rf"{re.escape(output_name)}(?:-(\d{{6}})|-step(\d{{8}}))?{re.escape(LORA_SUFFIX)}")
     points = []

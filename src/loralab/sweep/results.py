@@ -1,11 +1,12 @@
 """``results.json`` / ``results.csv``: one row per run and save point, from what the sweep folder holds.
 
-A row joins the run's entry in ``expanded.json`` (comparison, axis, value, baseline or not), its
-``status.json`` (state, error, wall time, peak memory), its training logs (steps and ``loss/epoch``
-at the save point, the final ``loss/average``, the peak ``lr/d*lr``) and, when the scorer has
+A row joins the run's entries in ``expanded.json`` (comparison, axis, value, baseline or not; a
+run in several comparisons, as the baseline, lists them joined with commas), its ``status.json``
+(state, error, wall time, peak memory), its training logs (steps at the save point,
+``final_loss`` = ``loss/epoch`` at the save point, the peak ``lr/d*lr``) and, when the scorer has
 written them, the scores in ``scores/<run>/<save point>.json`` (one column per score; the reasons
-for missing ones in ``missing_scores``). A run in several comparisons (the baseline) has rows in
-each. A run without save points (failed, not trained yet) has one row with ``save_point`` null.
+for missing ones in ``missing_scores``). A run without save points (failed, not trained yet) has
+one row with ``save_point`` null.
 
 :func:`write_results` rebuilds both files from the folder alone, so the report can call it again
 after scoring.
@@ -29,27 +30,31 @@ MISSING_SCORES = "missing_scores"
 _SCORE_FILE_KEYS = ("missing", "inputs")  # keys of a score file that are not scores
 ROW_FIELDS = (
     "run", "comparison", "axis", "value", "is_baseline", "seed_repeat", "save_point", "epoch", "steps",
-    "loss_epoch", "final_loss", "max_d_lr", "wall_seconds", "peak_memory_mb", "state", "error",
+    "final_loss", "max_d_lr", "wall_seconds", "peak_memory_mb", "state", "error",
 )  # fmt: skip
 
 
 def result_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Every row (see the module docstring), in ``expanded.json`` order then save point order."""
+    """Every row (see the module docstring), runs in ``expanded.json`` order, save points in training order."""
     sweep_dir = Path(sweep_dir)
-    runs: dict[str, _RunFacts] = {}
-    rows = []
+    entries: dict[str, list[dict[str, Any]]] = {}
     for entry in read_expanded(sweep_dir):
-        name = entry["name"]
-        if name not in runs:
-            runs[name] = _RunFacts.read(sweep_dir, name)
-        facts = runs[name]
+        entries.setdefault(entry["name"], []).append(entry)
+    rows = []
+    for name, run_entries in entries.items():
+        facts = _RunFacts.read(sweep_dir, name)
+        first = run_entries[0]
         base = {
-            "run": name, "comparison": entry["comparison"], "axis": entry["axis"], "value": entry["value"],
-            "is_baseline": entry["is_baseline"], "seed_repeat": entry["seed_repeat"],
-        }  # fmt: skip
+            "run": name,
+            "comparison": joined(entry["comparison"] for entry in run_entries),
+            "axis": joined(entry["axis"] for entry in run_entries),
+            "value": joined(entry["value"] for entry in run_entries),
+            "is_baseline": first["is_baseline"],
+            "seed_repeat": first["seed_repeat"],
+        }
         run_fields = {
-            "final_loss": facts.final_loss, "max_d_lr": facts.max_d_lr, "wall_seconds": facts.status.get("wall_seconds"),
-            "peak_memory_mb": facts.status.get("peak_memory_mb"), "state": facts.status.get("state", "pending"),
+            "max_d_lr": facts.max_d_lr, "wall_seconds": facts.status.get("wall_seconds"),
+            "peak_memory_mb": facts.status.get("peak_memory_mb"), "state": facts.status.get("state", "not started"),
             "error": facts.status.get("error"),
         }  # fmt: skip
         if not facts.points:
@@ -57,11 +62,20 @@ def result_rows(sweep_dir: Path) -> list[dict[str, Any]]:
             continue
         for point in facts.points:
             row = {**base, "save_point": point.label, "epoch": point.epoch, "steps": facts.steps_at(point)}
-            row["loss_epoch"] = facts.loss_at(point)
+            row["final_loss"] = facts.loss_at(point)
             row.update(run_fields)
             row.update(_scores(sweep_dir, name, point.label))
             rows.append(row)
     return rows
+
+
+def joined(values: Any) -> Any:
+    """The one value every entry of a run shares, or the distinct values joined with commas (the
+    baseline belongs to every comparison of a one-at-a-time sweep)."""
+    distinct = list(dict.fromkeys(value for value in values if value is not None))
+    if len(distinct) <= 1:
+        return distinct[0] if distinct else None
+    return ",".join(str(value) for value in distinct)
 
 
 def write_results(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -96,14 +110,9 @@ class _RunFacts:
             from loralab.train.tb_logging import read_scalars
 
             scalars = read_scalars(directory / "logs")
-        totals = dict(manifest.get("plan") or manifest.get("plan_totals") or {})
+        totals = dict(manifest.get("plan") or {})
         totals.setdefault("global_step", (manifest.get("final_metrics") or {}).get("global_step") or status.global_step)
         return cls(status_json, save_points(directory, output_name), scalars, totals)
-
-    @property
-    def final_loss(self) -> float | None:
-        series = self.scalars.get("loss/average")
-        return series[-1][1] if series else None
 
     @property
     def max_d_lr(self) -> float | None:

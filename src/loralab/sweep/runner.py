@@ -12,7 +12,9 @@ Steps, each safe to repeat:
    or ``ray`` (:mod:`loralab.sweep.ray_backend`);
 4. render the missing evaluation images of every complete run's save points, checkpoint by
    checkpoint (:mod:`loralab.sweep.evaluate`), and index them;
-5. write ``results.json`` / ``results.csv`` and, when the report module is there, the report.
+5. score the save points with the sweep file's ``[scoring]`` models (:mod:`loralab.sweep.scoring`;
+   scores without a model are reported missing) and write ``results.json`` / ``results.csv`` and
+   the report (:mod:`loralab.sweep.report`).
 
 Ctrl-C during training ends the current run after its step with its state saved and stops the
 sweep; running the same command again resumes it. Latent and text-encoder caches are shared by
@@ -33,6 +35,7 @@ from loralab.sweep.evaluate import (
     RenderCounts,
     RenderTarget,
     base_model_targets,
+    is_placeholder,
     resolve_evaluation,
     write_evaluation,
     write_index,
@@ -42,7 +45,7 @@ from loralab.sweep.expand import Expansion, expand_sweep, write_expanded
 from loralab.sweep.layout import SWEEP_FILE, RunStatus, eval_dir, read_status, run_dir, save_points, write_status
 from loralab.sweep.overview import RunPlan, estimate_line, format_overview, plan_runs, recorded_step_time
 from loralab.sweep.results import write_results
-from loralab.sweep.spec import SweepError, read_sweep, safe_name
+from loralab.sweep.spec import SweepError, SweepSpec, read_sweep, safe_name
 
 Printer = Callable[[str], None]
 BACKENDS = ("local", "ray")
@@ -137,8 +140,7 @@ def run_sweep(options: SweepOptions, printer: Printer = print) -> SweepSummary:
         raise
     finally:
         backend.close()
-    write_results(sweep_dir)
-    _write_report(sweep_dir, printer)
+    _score_and_report(spec, sweep_dir, printer)
     printer(_summary_line(summary))
     return summary
 
@@ -259,16 +261,28 @@ def _evaluate_all(
         write_index(settings, target)
 
 
-def _write_report(sweep_dir: Path, printer: Printer) -> None:
-    """Write the report when the report module provides ``write_report(sweep_dir)``."""
+def _score_and_report(spec: SweepSpec, sweep_dir: Path, printer: Printer) -> None:
+    """Score every evaluated save point with the sweep file's models, then write the report.
+
+    A scoring model that cannot be used is reported and the report is written without its scores.
+    """
+    import torch
+
+    from loralab.errors import LoralabError
+    from loralab.sweep.report import write_report
+    from loralab.sweep.scoring import ScoringSettings, build_scorers, score_sweep
+
+    def model(path: str | None) -> Path | None:
+        return spec.resolve(path) if path and not is_placeholder(path) else None
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = ScoringSettings(model(spec.scoring.face_model), model(spec.scoring.clip_model), device)
     try:
-        from loralab.sweep import report
-    except ImportError:
-        return
-    writer = getattr(report, "write_report", None)
-    if writer is not None:
-        path = writer(sweep_dir)
-        printer(f"report: {path}")
+        score_sweep(sweep_dir, build_scorers(settings))
+    except LoralabError as exc:
+        printer(f"scoring failed: {exc}")
+    write_results(sweep_dir)  # with the scores
+    printer(f"report: {write_report(sweep_dir)}")
 
 
 def _summary_line(summary: SweepSummary) -> str:

@@ -20,6 +20,10 @@ A sweep file is TOML::
     bf16 = {}                                          # {} is the baseline itself
 
     [evaluation]                                       # optional; see :class:`EvaluationSpec`
+    include = "evaluation.toml"                        # optional: shared settings, overridden here
+
+    [scoring]                                          # optional; see :class:`ScoringSpec`
+    face_model = "models/arcface.onnx"
 
 An axis named after a setting (a ``TrainConfig`` field, ``optimizer_args.KEY``, or the alias
 ``optimizer``) takes a list of values, labelled by the values themselves, or a table of
@@ -190,6 +194,14 @@ class EvaluationSpec(_Strict):
         return [True, False] if self.without_trigger else [True]
 
 
+class ScoringSpec(_Strict):
+    """Models for the scores (see loralab.sweep.scoring); a score whose model is not given is
+    reported as missing, with the reason."""
+
+    face_model: str | None = Field(None, description="ArcFace-style .onnx face-identity model: likeness, face rate, leak.")
+    clip_model: str | None = Field(None, description="Local CLIP model folder: prompt adherence and diversity.")
+
+
 AxisValues = list[Any] | dict[str, Any]
 
 
@@ -202,6 +214,7 @@ class SweepSpec(_Strict):
     baseline: BaselineSpec
     axes: dict[str, AxisValues] = Field(default_factory=dict, description="axis -> values (see the module docstring).")
     evaluation: EvaluationSpec | None = None
+    scoring: ScoringSpec = Field(default_factory=ScoringSpec)
     _source: Path | None = PrivateAttr(None)  # the file this was read from (set by the reader)
 
     @field_validator("axes")
@@ -243,12 +256,35 @@ def read_sweep(path: Path | str) -> SweepSpec:
     return parse_sweep(text, path)
 
 
+def _with_included(evaluation: dict[str, Any], source: Path) -> dict[str, Any]:
+    """``[evaluation] include = "file.toml"``: that file's settings, then the table's own on top."""
+    rest = dict(evaluation)
+    include = rest.pop("include")
+    if not isinstance(include, str):
+        raise SweepError(f"{source}: evaluation.include must be the path of a TOML file (got {include!r})")
+    path = Path(include).expanduser()
+    path = path if path.is_absolute() else source.parent / path
+    try:
+        included = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SweepError(f"{source}: evaluation.include: {path} not found") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise SweepError(f"{source}: evaluation.include: cannot read {path}: {exc}") from None
+    if "include" in included:
+        raise SweepError(f"{path}: an included evaluation file cannot include another")
+    # Paths in the included file are relative to the sweep file, as everywhere else in it.
+    return {**included, **rest}
+
+
 def parse_sweep(text: str, source: Path) -> SweepSpec:
     """Validate the TOML ``text`` of a sweep file read from ``source``."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SweepError(f"{source}: invalid TOML: {exc}") from None
+    evaluation = data.get("evaluation")
+    if isinstance(evaluation, dict) and "include" in evaluation:
+        data["evaluation"] = _with_included(evaluation, source)
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:

@@ -374,6 +374,7 @@ def _sum_gradients_over_processes(acc: Any, params: list[torch.nn.Parameter]) ->
     Each process's gradient is its share of the global batch mean, so the sum is the gradient
     of the whole batch, exactly as one process would compute it.
     """
+    params = [p for p in params if p.requires_grad]  # text encoders may have stopped training
     if acc.num_processes == 1 or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -516,6 +517,7 @@ def _sample(s: TrainingSession, *, epoch: int | None, global_step: int) -> None:
                     resolution=tuple(s.config.resolution),
                     base_seed=s.config.seed,
                     clip_skip=s.config.clip_skip,
+                    max_token_length=s.config.max_token_length,
                 )
         for index, image in enumerate(images):
             name = sample_file_name(s.config.output_name, index, epoch=epoch, global_step=global_step)

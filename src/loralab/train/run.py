@@ -109,6 +109,7 @@ def train(
         raise ConfigError(f"progress={progress!r} is unknown; use one of {', '.join(PROGRESS_MODES)}")
     policy = check_policy(on_non_finite)
     launched_at = time.time()
+    sample_prompts = read_sample_prompts(config.sample_prompts)  # a bad prompt file fails before any loading
     run_dir = _resolve_run_dir(config, run_dir, resume)
     config = resolve_run_config(config, run_dir)
 
@@ -166,19 +167,23 @@ def train(
             text_cache=text_cache, text_encoder_params=text_encoder_params, unet_params=unet_params,
             accelerator=accelerator, run_dir=run_dir, metadata=metadata,
             state_extra={"totals": totals, "session_id": session_id, "started_at": started_at},
-            metrics=metrics, progress_bar=progress_bar, sample_prompts=read_sample_prompts(config.sample_prompts),
+            metrics=metrics, progress_bar=progress_bar, sample_prompts=sample_prompts,
             stop=StopSignals(), start=start, loss_recorder=loss_recorder, hooks=hooks or LoopHooks(),
             on_non_finite=policy, data_workers=threads.data_loader_workers,
         )  # fmt: skip
         setup_seconds = time.time() - launched_at
 
         outcome: LoopOutcome | None = None
+        error: BaseException | None = None
         try:
             with session.stop.installed():
                 outcome = train_loop(session)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             if main and manifest is not None:
-                _finish_manifest(manifest, run_dir, session, outcome, launched_at, setup_seconds)
+                _finish_manifest(manifest, run_dir, session, outcome, launched_at, setup_seconds, error)
                 write_manifest(run_dir, manifest)
         return _result(session, outcome, run_dir, progress, main)
 
@@ -474,9 +479,12 @@ def _finish_manifest(
     outcome: LoopOutcome | None,
     launched_at: float,
     setup_seconds: float,
+    error: BaseException | None,
 ) -> None:
     now = time.time()
     manifest["status"] = outcome.status if outcome is not None else "failed"
+    if error is not None:
+        manifest["error"] = f"{type(error).__name__}: {error}"
     names = relative_names(session.lora_files, run_dir)
     manifest["lora_files"] = list(dict.fromkeys(manifest.get("lora_files", []) + names))
     timings = manifest.setdefault("timings", {})

@@ -13,7 +13,8 @@ of two runs can be compared image by image.
 
 The images come from diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``
 assembled from the loaded components (nothing is downloaded), with the LoRA applied as it is
-trained; each image is saved as a PNG in ``samples/`` and logged to TensorBoard.
+trained and the prompts encoded by the training code; each image is saved as a PNG in
+``samples/`` and logged to TensorBoard.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from loralab.errors import ConfigError
 from loralab.models.family import ModelFamily
 from loralab.models.loading import StableDiffusionComponents
+from loralab.train.conditioning import effective_clip_skip, encode_text, tokenize_captions
 
 DEFAULT_SCALE = 7.5
 DEFAULT_STEPS = 30
@@ -171,6 +173,37 @@ def build_pipeline(components: StableDiffusionComponents, scheduler: Any) -> Any
     return pipeline
 
 
+def _prompt_embeddings(
+    components: StableDiffusionComponents, text: str, *, clip_skip: int | None, max_token_length: int | None
+) -> dict[str, torch.Tensor]:
+    """The pipeline's ``prompt_embeds`` (and SDXL's ``pooled_prompt_embeds``) for ``text``, encoded
+    exactly as training conditions the UNet (clip skip, long-prompt chunks)."""
+    ids = [tokenize_captions(tokenizer, [text], max_token_length) for tokenizer in components.tokenizers]
+    conditioning = encode_text(
+        components.family,
+        components.text_encoders,
+        ids,
+        eos_token_ids=[tokenizer.eos_token_id for tokenizer in components.tokenizers],
+        clip_skip=effective_clip_skip(components.family, clip_skip),
+    )
+    embeddings = {"prompt_embeds": conditioning.encoder_hidden_states}
+    if conditioning.pooled is not None:
+        embeddings["pooled_prompt_embeds"] = conditioning.pooled
+    return embeddings
+
+
+def _negative_embeddings(
+    components: StableDiffusionComponents, text: str, *, clip_skip: int | None, max_token_length: int | None
+) -> dict[str, torch.Tensor]:
+    if not text and components.family is ModelFamily.SDXL:
+        # SDXL was trained to see zeros, not the empty prompt's encoding, as the unconditional input
+        # (diffusers' force_zeros_for_empty_prompt).
+        positive = _prompt_embeddings(components, "", clip_skip=clip_skip, max_token_length=max_token_length)
+        return {f"negative_{name}": torch.zeros_like(value) for name, value in positive.items()}
+    negative = _prompt_embeddings(components, text, clip_skip=clip_skip, max_token_length=max_token_length)
+    return {f"negative_{name}": value for name, value in negative.items()}
+
+
 @torch.no_grad()
 def render_samples(
     components: StableDiffusionComponents,
@@ -180,11 +213,14 @@ def render_samples(
     resolution: tuple[int, int],
     base_seed: int,
     clip_skip: int | None = None,
+    max_token_length: int | None = None,
 ) -> list[Any]:
     """Render ``prompts`` with the current weights; returns PIL images in prompt order.
 
-    The caller puts the models in eval mode. Random draws use a generator per image, so the
-    training run's random state is left as it was.
+    Prompts are encoded by the training code (so clip skip and 150/225-token prompts mean what
+    they meant in training) and handed to the pipeline as embeddings. The caller puts the models
+    in eval mode. Random draws use a generator per image, so the training run's random state is
+    left as it was.
     """
     pipelines: dict[str, Any] = {}
     images = []
@@ -198,19 +234,15 @@ def render_samples(
             height=prompt.height or resolution[1],
             seed=base_seed + index if prompt.seed is None else prompt.seed,
         )
-        kwargs: dict[str, Any] = {}
-        # diffusers counts clip skip from the penultimate layer: its 1 is kohya's 2. SDXL has none.
-        if components.family is not ModelFamily.SDXL and clip_skip and clip_skip > 1:
-            kwargs["clip_skip"] = clip_skip - 1
+        encoding = {"clip_skip": clip_skip, "max_token_length": max_token_length}
         result = pipelines[name](
-            prompt=prompt.prompt,
-            negative_prompt=prompt.negative_prompt or None,
+            **_prompt_embeddings(components, prompt.prompt, **encoding),
+            **_negative_embeddings(components, prompt.negative_prompt, **encoding),
             width=prompt.width,
             height=prompt.height,
             num_inference_steps=prompt.steps,
             guidance_scale=prompt.scale,
             generator=torch.Generator(device="cpu").manual_seed(prompt.seed),
-            **kwargs,
         )
         images.append(result.images[0])
     return images

@@ -42,6 +42,11 @@ class RunReport:
     scores: dict[str, SavePointScores] = field(default_factory=dict)  # save point -> scores
 
     @property
+    def display_name(self) -> str:
+        """The run name, marked as the baseline where the name does not already say so."""
+        return self.name if not self.is_baseline or self.name.startswith("baseline") else f"{self.name} (baseline)"
+
+    @property
     def save_points(self) -> list[str]:
         """Save points with images or scores, in training order."""
         return sorted(set(self.images) | set(self.scores), key=save_point_order)
@@ -157,4 +162,3 @@ def _score_names(runs: dict[str, RunReport], base_scores: dict[str, SavePointSco
     for scores in [s for run in runs.values() for s in run.scores.values()] + list(base_scores.values()):
         found |= set(scores.values) | set(scores.missing)
     return [name for name in BUILTIN_SCORES if name in found] + sorted(found - set(BUILTIN_SCORES))
-

@@ -12,6 +12,7 @@ grey cell. Drawing and labels are :func:`loralab.sample.grids.draw_grid`'s.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,7 +38,17 @@ class GridFigure:
     title: str
     caption: str
     image: Image.Image
+    layout: GridLayout
+    shape: tuple[int, int]  # (rows, columns) of cells
     collapsed: bool = False  # shown folded (earlier save points of prompt-varied sets)
+
+    def cell_box(self, row: int, column: int) -> tuple[int, int, int, int]:
+        """Pixel box (left, top, right, bottom) of one cell's slot in :attr:`image`."""
+        rows, columns = self.shape
+        row_pitch = (self.image.height - self.layout.top_band) // rows
+        column_pitch = (self.image.width - self.layout.left_band) // columns
+        left, top = self.layout.left_band + column * column_pitch, self.layout.top_band + row * row_pitch
+        return left, top, left + column_pitch, top + row_pitch
 
 
 @dataclass(frozen=True)
@@ -48,8 +59,14 @@ class _Placed:
 
 
 def thumbnail_side(size: tuple[int, int]) -> int:
-    """The side of the square a thumbnail is fitted into, from the first image's size."""
-    return max(MIN_THUMBNAIL, min(MAX_THUMBNAIL, max(size)))
+    """The side of the square a thumbnail is fitted into, from the first image's size.
+
+    Small images are enlarged by a whole factor, so every pixel stays a square block.
+    """
+    longest = max(size)
+    if longest < MIN_THUMBNAIL:
+        return longest * math.ceil(MIN_THUMBNAIL / longest)
+    return min(MAX_THUMBNAIL, longest)
 
 
 def comparison_grids(runs: Sequence[RunReport]) -> list[GridFigure]:
@@ -68,7 +85,9 @@ def comparison_grids(runs: Sequence[RunReport]) -> list[GridFigure]:
     figures: list[GridFigure] = []
     for (checkpoint, prompt_set, weight, trigger), items in groups.items():
         section = f"{checkpoint} · {prompt_set}"
-        qualifiers = ([f"LoRA weight {weight:g}"] if len(weights) > 1 else []) + ([] if trigger else ["without trigger"])
+        qualifiers = ([f"LoRA weight {weight:g}"] if len(weights) > 1 else []) + (
+            [] if trigger else ["without trigger"]
+        )
         prompts = list(dict.fromkeys(item.image.prompt for item in items))
         if len(prompts) == 1:
             figures += _single_prompt_grids(runs, items, section, qualifiers, prompts[0])
@@ -85,14 +104,15 @@ def _single_prompt_grids(
     for seed in sorted({item.image.seed for item in items}):
         found = {(item.run.name, item.save_point): item.image for item in items if item.image.seed == seed}
         cells = [[found.get((run.name, point)) for point in save_points] for run in runs]
-        grid = _draw(
+        drawn = _draw(
             cells,
             columns=[save_point_title(point) for point in save_points],
             rows=[_run_label(run) for run in runs],
             boxed_rows=[index for index, run in enumerate(runs) if run.is_baseline],
         )
-        if grid is not None:
-            figures.append(GridFigure(section, ", ".join([f"seed {seed}", *qualifiers]), prompt, grid))
+        if drawn is not None:
+            title = ", ".join([f"seed {seed}", *qualifiers])
+            figures.append(GridFigure(section, title, prompt, *drawn, shape=(len(runs), len(save_points))))
     return figures
 
 
@@ -103,25 +123,32 @@ def _varied_prompt_grids(
     pairs = list(dict.fromkeys((item.image.prompt, item.image.seed) for item in items))
     figures = []
     for point in save_points:
-        found = {(item.run.name, item.image.prompt, item.image.seed): item.image for item in items if item.save_point == point}
+        found = {
+            (item.run.name, item.image.prompt, item.image.seed): item.image
+            for item in items
+            if item.save_point == point
+        }
         cells = [[found.get((run.name, prompt, seed)) for run in runs] for prompt, seed in pairs]
-        grid = _draw(
+        drawn = _draw(
             cells,
             columns=[_run_label(run) for run in runs],
             rows=[f"seed {seed}: {_shorten(prompt)}" for prompt, seed in pairs],
             boxed_columns=[index for index, run in enumerate(runs) if run.is_baseline],
         )
-        if grid is not None:
+        if drawn is not None:
             title = ", ".join([save_point_title(point), *qualifiers])
             caption = f"{len(pairs)} prompt and seed pairs (prompts shortened in the row labels)"
-            figures.append(GridFigure(section, title, caption, grid, collapsed=point != save_points[-1]))
+            figures.append(
+                GridFigure(
+                    section, title, caption, *drawn, shape=(len(pairs), len(runs)), collapsed=point != save_points[-1]
+                )
+            )
     return figures
 
 
 def _run_label(run: RunReport) -> str:
-    if run.is_baseline:
-        return f"{run.name} (baseline)"
-    return run.name if run.state in ("complete", "running") else f"{run.name} ({run.state})"
+    label = run.display_name
+    return label if run.state in ("complete", "running") else f"{label} ({run.state})"
 
 
 def _shorten(prompt: str) -> str:
@@ -135,8 +162,8 @@ def _draw(
     rows: list[str],
     boxed_rows: Sequence[int] = (),
     boxed_columns: Sequence[int] = (),
-) -> Image.Image | None:
-    """The grid of ``cells``, or None when none of its images exists on disk."""
+) -> tuple[Image.Image, GridLayout] | None:
+    """The grid of ``cells`` and its layout, or None when none of its images exists on disk."""
     first = next((image for row in cells for image in row if image is not None and image.path.is_file()), None)
     if first is None:
         return None
@@ -145,7 +172,7 @@ def _draw(
     thumbnails = [[_thumbnail(image, side) if image is not None else None for image in row] for row in cells]
     grid, layout = draw_grid(thumbnails, column_labels=columns, row_labels=rows)
     _box(grid, layout, len(rows), len(columns), boxed_rows, boxed_columns)
-    return grid
+    return grid, layout
 
 
 def _thumbnail(image: EvalImage, side: int) -> Image.Image | None:
@@ -159,7 +186,12 @@ def _thumbnail(image: EvalImage, side: int) -> Image.Image | None:
 
 
 def _box(
-    grid: Image.Image, layout: GridLayout, rows: int, columns: int, boxed_rows: Sequence[int], boxed_columns: Sequence[int]
+    grid: Image.Image,
+    layout: GridLayout,
+    rows: int,
+    columns: int,
+    boxed_rows: Sequence[int],
+    boxed_columns: Sequence[int],
 ) -> None:
     """Red frames around the baseline's rows or columns of cells."""
     row_pitch = (grid.height - layout.top_band) // rows
@@ -167,7 +199,11 @@ def _box(
     draw = ImageDraw.Draw(grid)
     for row in boxed_rows:
         top = layout.top_band + row * row_pitch
-        draw.rectangle((layout.left_band, top, grid.width - 1, top + row_pitch - 1), outline=BOX_COLOUR, width=BOX_WIDTH)
+        draw.rectangle(
+            (layout.left_band, top, grid.width - 1, top + row_pitch - 1), outline=BOX_COLOUR, width=BOX_WIDTH
+        )
     for column in boxed_columns:
         left = layout.left_band + column * column_pitch
-        draw.rectangle((left, layout.top_band, left + column_pitch - 1, grid.height - 1), outline=BOX_COLOUR, width=BOX_WIDTH)
+        draw.rectangle(
+            (left, layout.top_band, left + column_pitch - 1, grid.height - 1), outline=BOX_COLOUR, width=BOX_WIDTH
+        )

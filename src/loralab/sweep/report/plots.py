@@ -76,9 +76,19 @@ def run_styles(runs: Sequence[RunReport]) -> dict[str, dict[str, object]]:
     for run in runs:
         if run.is_baseline:
             dashed = (run.seed_repeat or 1) > 1
-            styles[run.name] = {"color": BASELINE_COLOUR, "linewidth": 2.4, "linestyle": "--" if dashed else "-", "zorder": 3}
+            styles[run.name] = {
+                "color": BASELINE_COLOUR,
+                "linewidth": 2.4,
+                "linestyle": "--" if dashed else "-",
+                "zorder": 3,
+            }
         else:
-            styles[run.name] = {"color": palette[variant % len(palette)], "linewidth": 1.4, "linestyle": "-", "zorder": 2}
+            styles[run.name] = {
+                "color": palette[variant % len(palette)],
+                "linewidth": 1.4,
+                "linestyle": "-",
+                "zorder": 2,
+            }
             variant += 1
     return styles
 
@@ -101,7 +111,7 @@ def plot_png(spec: PlotSpec, runs: Sequence[RunReport]) -> bytes | None:
         values = [value for _, value in series]
         if spec.smooth:
             values = smoothed(values, max(MIN_SMOOTHING_WINDOW, round(len(values) * SMOOTHING_FRACTION)))
-        label = run.name + (" (baseline)" if run.is_baseline else "") + ("" if tag == spec.tag else f" ({tag})")
+        label = run.display_name + ("" if tag == spec.tag else f" ({tag})")
         marker = "o" if len(series) <= 30 else None  # epochs: few points, show each
         axes.plot(steps, values, label=label, marker=marker, markersize=3, **styles[run.name])
         drawn += 1

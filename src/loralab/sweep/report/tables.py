@@ -44,7 +44,9 @@ def config_differences(runs: Sequence[RunReport]) -> tuple[list[str], dict[str, 
             settings[run.name] = flatten(overrides)
     keys = sorted({key for values in settings.values() for key in values} - PER_RUN_KEYS)
     different = [
-        key for key in keys if len({json.dumps(values.get(key), sort_keys=True, default=str) for values in settings.values()}) > 1
+        key
+        for key in keys
+        if len({json.dumps(values.get(key), sort_keys=True, default=str) for values in settings.values()}) > 1
     ]
     return different, settings
 
@@ -111,7 +113,8 @@ class Verdict:
 
     @property
     def within_noise(self) -> bool | None:
-        if self.baseline_value is None or self.noise is None:
+        """Whether the best variant differs from the baseline by no more than the seed noise."""
+        if self.best.run.is_baseline or self.baseline_value is None or self.noise is None:
             return None
         return abs(self.best.values[self.score] - self.baseline_value) <= self.noise
 
@@ -125,6 +128,11 @@ def verdicts(runs: Sequence[RunReport], score_names: Sequence[str]) -> list[Verd
     for name, row in best_rows(rows, score_names).items():
         base_scores = baseline.scores.get(row.save_point) if baseline else None
         out.append(
-            Verdict(name, row, base_scores.values.get(name) if base_scores else None, spread.get(row.save_point, {}).get(name))
+            Verdict(
+                name,
+                row,
+                base_scores.values.get(name) if base_scores else None,
+                spread.get(row.save_point, {}).get(name),
+            )
         )
     return out

@@ -38,7 +38,8 @@ def plain_prompt_text(prompt: str) -> str:
         pieces = parse_prompt_attention(text)
     except PromptSyntaxError:
         return prompt
-    words = " ".join(text for text, weight in pieces if (text, weight) != BREAK)
+    # BREAK only ends a 75-token chunk; as words it is a gap between the texts either side.
+    words = "".join(" " if (text, weight) == BREAK else text for text, weight in pieces)
     return " ".join(words.split())
 
 
@@ -54,7 +55,9 @@ class ClipEmbedder:
 
         self.folder = Path(folder)
         if not (self.folder / "config.json").is_file():
-            raise ScoringError(f"no CLIP model in {self.folder} (no config.json); give a folder saved by CLIPModel.save_pretrained")
+            raise ScoringError(
+                f"no CLIP model in {self.folder} (no config.json); give a folder saved by CLIPModel.save_pretrained"
+            )
         try:
             self.model = CLIPModel.from_pretrained(str(self.folder), local_files_only=True).eval().to(device)
         except (OSError, ValueError, TypeError, KeyError) as exc:
@@ -68,7 +71,9 @@ class ClipEmbedder:
                 f"the CLIP model in {self.folder} has {self.model.config.text_config.vocab_size} text tokens but its "
                 f"tokenizer {len(self.tokenizer)}; add the model's own tokenizer files to the folder"
             )
-        self.size, self.crop, self.mean, self.std = _image_settings(self.folder, self.model.config.vision_config.image_size)
+        self.size, self.crop, self.mean, self.std = _image_settings(
+            self.folder, self.model.config.vision_config.image_size
+        )
 
     def pixel_values(self, image: Image.Image) -> np.ndarray:
         """``3 x crop x crop`` float32: the image as the model's vision tower expects it."""
@@ -103,7 +108,8 @@ class ClipEmbedder:
             tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
             with self._torch.no_grad():
                 features = self.model.get_text_features(
-                    input_ids=tokens["input_ids"].to(self.device), attention_mask=tokens["attention_mask"].to(self.device)
+                    input_ids=tokens["input_ids"].to(self.device),
+                    attention_mask=tokens["attention_mask"].to(self.device),
                 )
             chunks.append(_unit(features))
         return np.concatenate(chunks) if chunks else np.zeros((0, self.model.config.projection_dim), np.float32)

@@ -112,7 +112,9 @@ def _open_session(model_path: Path):  # -> onnxruntime.InferenceSession
         ) from None
     # CUDA when this onnxruntime build has it, else the CPU; never a provider that would compile.
     providers = [
-        name for name in ("CUDAExecutionProvider", "CPUExecutionProvider") if name in onnxruntime.get_available_providers()
+        name
+        for name in ("CUDAExecutionProvider", "CPUExecutionProvider")
+        if name in onnxruntime.get_available_providers()
     ]
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only: the user sees our one-line messages, not ORT's

@@ -127,7 +127,9 @@ def build_scorers(settings: ScoringSettings) -> ScorerRegistry:
         registry.add(FACE_FOUND_RATE, identity.face_found_rate)
         registry.add(TRIGGER_LEAK, identity.trigger_leak)
     else:
-        reason = "no face-identity model given (set face_model to an ArcFace .onnx file, or run loralab report --face-model)"
+        reason = (
+            "no face-identity model given (set face_model to an ArcFace .onnx file, or run loralab report --face-model)"
+        )
         for name in (LIKENESS, FACE_FOUND_RATE, TRIGGER_LEAK):
             registry.add_unavailable(name, reason)
     if settings.clip_model is not None:

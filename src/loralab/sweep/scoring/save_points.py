@@ -81,27 +81,35 @@ def score_save_point(
 
     ``reference_images``: the identity's photos; by default the run's training images (for
     ``run == "baseline_models"``, those of the sweep's baseline run). When the score file already
-    holds scores of the same inputs, it is returned unchanged.
+    holds every available score of the same images, it is returned unchanged; scores it holds
+    whose scorer is unavailable now are kept.
 
     Raises ScoringError when the save point has no eval index or the index is malformed.
     """
     sweep_dir = Path(sweep_dir)
     index_path = save_point_index_path(sweep_dir, run, save_point)
     if not index_path.is_file():
-        raise ScoringError(f"no evaluation images for {run} at {save_point} ({index_path} is missing); evaluate it first")
+        raise ScoringError(
+            f"no evaluation images for {run} at {save_point} ({index_path} is missing); evaluate it first"
+        )
     if reference_images is None:
         references, problem = training_images(sweep_dir, reference_run(sweep_dir) if run == BASELINE_MODELS else run)
     else:
         references, problem = tuple(Path(p) for p in reference_images), None
-    inputs = {
+    inputs: dict[str, Any] = {
         "index_sha256": hashlib.sha256(index_path.read_bytes()).hexdigest(),
         "reference_sha256": hashlib.sha256("\n".join(map(str, references)).encode()).hexdigest(),
-        "scorers": list(scorers.available),
     }
     out = scores_path(sweep_dir, run, save_point)
     cached = read_scores(out)
-    if cached is not None and cached.inputs == inputs and set(cached.values) | set(cached.missing) >= set(scorers.names):
-        return cached
+    # Values computed earlier from the same images stay valid; a scorer without its model this
+    # time (a report run without --clip-model) must not erase what an earlier run computed.
+    kept: dict[str, float] = {}
+    if cached is not None and cached.inputs is not None and all(cached.inputs.get(k) == v for k, v in inputs.items()):
+        done = set(cached.inputs.get("scorers") or [])
+        if set(scorers.available) <= done and set(cached.values) | set(cached.missing) >= set(scorers.names):
+            return cached
+        kept = {name: value for name, value in cached.values.items() if name in done and name not in scorers.available}
     images = SavePointImages(read_eval_index(index_path, sweep_dir), tuple(references), problem)
     missing_files = [image.path for image in images.images if not image.path.is_file()]
     if missing_files:
@@ -109,7 +117,11 @@ def score_save_point(
             f"{len(missing_files)} evaluation image(s) of {run} at {save_point} are missing, e.g. {missing_files[0]}; "
             f"re-run the evaluation"
         )
-    scores = compute_scores(images, scorers, inputs)
+    inputs["scorers"] = sorted(set(scorers.available) | set(kept))
+    computed = compute_scores(images, scorers, inputs)
+    scores = SavePointScores(
+        {**computed.values, **kept}, {k: v for k, v in computed.missing.items() if k not in kept}, inputs
+    )
     write_json(out, scores.to_json())
     return scores
 

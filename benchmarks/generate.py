@@ -1,0 +1,195 @@
+"""Benchmark ``loralab generate``'s engine: images per second, and its overhead over bare diffusers.
+
+For each model size it writes a random SD1.5-layout single-file checkpoint, loads it once through
+the engine, and then alternates, ``--reps`` times each, two ways of making the same image at 25
+steps (Euler a, CFG 7):
+
+- ours: ``GenerationEngine.generate`` (A1111 prompt parsing and weighting, LoRA bookkeeping,
+  PNG-info parameters with hashes), returning a PIL image;
+- bare: a ``StableDiffusionPipeline`` over the same loaded modules, called with the prompt text,
+  as diffusers users call it.
+
+It prints the median time per image of each, images per second, and their ratio (target: ours /
+bare <= 1.05), and whether both made the same pixels (they should: a plain prompt encodes to the
+same embeddings). One more timing applies a LoRA at 0.8 through the engine, for information.
+
+Sizes: ``tiny`` (the test model, 64 px), ``medium`` (SD1.5 layout at about a quarter of its width,
+256 px), ``full`` (published SD1.5 sizes, 512 px, fp16 on a GPU: meant for a GPU run).
+
+    python benchmarks/generate.py [--sizes tiny,medium] [--reps 5] [--device cpu|cuda] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig
+
+from loralab.models.architecture import (
+    TextEncoderSizes,
+    UNetSizes,
+    VaeSizes,
+    text_encoder_class,
+    text_encoder_config,
+    unet_config,
+    vae_config,
+)
+from loralab.models.family import ModelFamily
+from loralab.models.loading import StableDiffusionComponents, make_noise_scheduler
+from loralab.models.saving import save_single_file
+from loralab.models.tiny import make_tiny, write_random_full_size
+from loralab.models.tokenizer import load_clip_tokenizer
+from loralab.network.lora import LoRANetwork, NetworkSpec
+from loralab.network.lora_file import build_lora_metadata, save_lora_file
+from loralab.sample.generator import GenerationEngine, ImageRequest, LoraRef, build_pipeline
+from loralab.sample.samplers import build_scheduler, resolve_sampler
+
+STEPS = 25
+CFG = 7.0
+SAMPLER = "Euler a"
+PROMPT = "a photo of a woman on a beach at sunset, detailed, sharp focus"
+NEGATIVE = "blurry, lowres"
+TARGET_RATIO = 1.05
+SIDES = {"tiny": 64, "medium": 256, "full": 512}
+
+
+def write_medium(out: Path) -> Path:
+    """SD1.5's layout at about a quarter of its width (~120M parameters in all), random, single file."""
+    family = ModelFamily.SD1
+    unet = UNetSizes(
+        in_channels=4, out_channels=4, block_out_channels=(96, 192, 384, 384), layers_per_block=2,
+        attention_levels=(True, True, True, False), transformer_depth=(1, 1, 1, 1), mid_transformer_depth=1,
+        cross_attention_dim=512, use_linear_projection=False,
+    )  # fmt: skip
+    vae = VaeSizes(in_channels=3, out_channels=3, block_out_channels=(64, 128, 256, 256), layers_per_block=2, latent_channels=4)
+    encoder = TextEncoderSizes(512, 6, 2048, 49408, 77, None)
+    spec = family.spec.text_encoders[0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        components = StableDiffusionComponents(
+            family=family,
+            v_prediction=False,
+            unet=UNet2DConditionModel.from_config(unet_config(family, unet)),
+            vae=AutoencoderKL.from_config(vae_config(family, vae)),
+            text_encoders=[text_encoder_class(spec)(CLIPTextConfig(**text_encoder_config(family, spec, encoder)))],
+            tokenizers=[load_clip_tokenizer()],
+            noise_scheduler=make_noise_scheduler(False),
+            source=out,
+        )
+    return save_single_file(components, out)
+
+
+def write_lora(checkpoint_components: StableDiffusionComponents, out: Path) -> Path:
+    """A rank-8 LoRA with small random weights for the model (so applying it costs what a real one does)."""
+    spec = NetworkSpec(rank=8, alpha=4.0)
+    network = LoRANetwork.create(checkpoint_components, spec)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in network.lora_modules().values():
+            module.lora_up.weight.normal_(0.0, 1e-3, generator=generator)
+    metadata = build_lora_metadata(family=checkpoint_components.family, network=spec, title="bench")
+    return save_lora_file(out, network.state_dict(), metadata)
+
+
+def timed(function: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = function()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def bench(size: str, folder: Path, reps: int, device: torch.device, dtype: torch.dtype) -> float:
+    side = SIDES[size]
+    start = time.perf_counter()
+    if size == "tiny":
+        checkpoint = make_tiny("sd15", "single-file", folder / "tiny.safetensors")
+    elif size == "medium":
+        checkpoint = write_medium(folder / "medium.safetensors")
+    else:
+        checkpoint = write_random_full_size(ModelFamily.SD1, folder / "full.safetensors", dtype=torch.float16)
+    print(f"\n== {size}: {checkpoint.stat().st_size / 2**20:.0f} MiB checkpoint, {side}x{side}, {STEPS} steps, "
+          f"{SAMPLER}, CFG {CFG:g}, {device.type} {str(dtype).removeprefix('torch.')} (written in {time.perf_counter() - start:.1f} s)")  # fmt: skip
+
+    engine = GenerationEngine(lora_dir=folder, device=device, dtype=dtype)
+    request = ImageRequest(checkpoint, PROMPT, NEGATIVE, sampler=SAMPLER, steps=STEPS, cfg_scale=CFG, seed=1, width=side, height=side)
+    load_time, _ = timed(lambda: engine.generate([request]), device)  # loads the model; warms up
+    components = engine._model.components  # the very modules the engine renders with
+    spec = resolve_sampler(SAMPLER)
+    bare_pipeline = build_pipeline(components, build_scheduler(spec, components.noise_scheduler))
+
+    def ours() -> object:
+        return engine.generate([request])[0].image
+
+    def bare() -> object:
+        bare_pipeline.scheduler = build_scheduler(spec, components.noise_scheduler)
+        return bare_pipeline(
+            prompt=PROMPT, negative_prompt=NEGATIVE, width=side, height=side, num_inference_steps=STEPS,
+            guidance_scale=CFG, generator=torch.Generator("cpu").manual_seed(request.seed),
+        ).images[0]  # fmt: skip
+
+    timed(bare, device)  # warm-up
+    ours_times, bare_times = [], []
+    for rep in range(reps):  # alternate, so load on a shared machine hits both alike
+        for function, times in ((ours, ours_times), (bare, bare_times)) if rep % 2 == 0 else ((bare, bare_times), (ours, ours_times)):
+            elapsed, image = timed(function, device)
+            times.append(elapsed)
+    same = np.array_equal(np.asarray(ours()), np.asarray(bare()))
+
+    lora_path = write_lora(components, folder / f"{size}_lora.safetensors")
+    lora_request = ImageRequest(checkpoint, PROMPT, NEGATIVE, loras=(LoraRef(str(lora_path), 0.8),), sampler=SAMPLER,
+                                steps=STEPS, cfg_scale=CFG, seed=1, width=side, height=side)  # fmt: skip
+    engine.generate([lora_request])  # applies it (warm-up)
+    lora_times = [timed(lambda: engine.generate([lora_request]), device)[0] for _ in range(max(1, reps // 2))]
+    engine.close()
+
+    ours_median, bare_median, lora_median = (statistics.median(t) for t in (ours_times, bare_times, lora_times))
+    ratio = ours_median / bare_median
+    print(f"first image (load + render): {load_time:.2f} s")
+    print(f"ours : {ours_median:.3f} s/image  {1 / ours_median:.2f} images/s  (runs: {', '.join(f'{t:.3f}' for t in ours_times)})")
+    print(f"bare : {bare_median:.3f} s/image  {1 / bare_median:.2f} images/s  (runs: {', '.join(f'{t:.3f}' for t in bare_times)})")
+    print(f"ratio ours/bare: {ratio:.3f} (target <= {TARGET_RATIO})  {'OK' if ratio <= TARGET_RATIO else 'ABOVE TARGET'}")
+    print(f"same pixels as bare diffusers: {same}")
+    print(f"ours with a rank-8 LoRA at 0.8: {lora_median:.3f} s/image  {1 / lora_median:.2f} images/s")
+    return ratio
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="tiny,medium", help="comma-separated: tiny, medium, full")
+    parser.add_argument("--reps", type=int, default=5, help="timed images per method and size")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name()}")
+    else:
+        print(f"device: CPU, {torch.get_num_threads()} threads")
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in SIDES]
+    if unknown:
+        parser.error(f"unknown size(s) {unknown}; choose from {', '.join(SIDES)}")
+    with tempfile.TemporaryDirectory(prefix="loralab-bench-") as folder:
+        ratios = {size: bench(size, Path(folder), args.reps, device, dtype) for size in sizes}
+    worst = max(ratios.values())
+    print(f"\nworst ratio: {worst:.3f} ({'within' if worst <= TARGET_RATIO else 'above'} the {TARGET_RATIO} target)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Image generation on tiny models: determinism, LoRAs by tag and option, XYZ grids, PNG info, errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from loralab.cli.main import main
+from loralab.errors import LoralabError
+from loralab.models.loading import load_checkpoint
+from loralab.models.tiny import build_tiny_components, make_tiny
+from loralab.network.lora import NetworkSpec
+from loralab.network.lora_file import build_lora_metadata, read_lora_file, save_lora_file
+from loralab.sample.generator import GenerationEngine, GenerationError, ImageRequest, LoraRef
+from loralab.sample.grids import MIN_FONT_SIZE, draw_grid
+from loralab.sample.hashes import lora_short_hash
+from loralab.sample.png_info import GenerationParameters, parse_infotext, read_png_parameters
+from loralab.sample.request_plan import RequestTemplate
+from loralab.sample.samplers import A1111_SAMPLERS, SamplerError, build_scheduler, resolve_sampler
+from loralab.sample.wildcards import WildcardError, Wildcards
+from loralab.sample.xyz import AxisError, parse_axis, plan_xyz, render_xyz
+
+from lora_test_support import one_thread, random_network  # noqa: F401  (one_thread is a fixture)
+
+SPEC = NetworkSpec(rank=4, alpha=2.0)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny SD1.5 checkpoints (same family, different weights), LoRAs for SD1.5 and SDXL."""
+    root = tmp_path_factory.mktemp("generate")
+    loras = root / "loras"
+    loras.mkdir()
+    sd15 = build_tiny_components("sd15")
+    sdxl = build_tiny_components("sdxl")
+    for name, components, seed in (("x", sd15, 3), ("y", sd15, 4), ("xl", sdxl, 5)):
+        network = random_network(components, SPEC, seed=seed)
+        metadata = build_lora_metadata(family=components.family, network=SPEC, title=name)
+        save_lora_file(loras / f"{name}.safetensors", network.state_dict(), metadata)
+    return {
+        "a": make_tiny("sd15", "single-file", root / "model_a.safetensors", seed=0),
+        "b": make_tiny("sd15", "single-file", root / "model_b.safetensors", seed=1),
+        "xl": make_tiny("sdxl", "single-file", root / "model_xl.safetensors", seed=0),
+        "loras": loras,
+        "root": root,
+    }
+
+
+class CountingLoader:
+    """``load_checkpoint`` that counts its calls per checkpoint (or refuses to load at all)."""
+
+    def __init__(self, allow: bool = True) -> None:
+        self.calls: list[Path] = []
+        self.allow = allow
+
+    def __call__(self, path, **kwargs):
+        if not self.allow:
+            raise AssertionError(f"a model was loaded: {path}")
+        self.calls.append(Path(path))
+        return load_checkpoint(path, **kwargs)
+
+
+def _request(checkpoint: Path, **changes) -> ImageRequest:
+    base = ImageRequest(checkpoint, "a photo of a dog, beach", negative_prompt="blurry", width=64, height=64, steps=3, seed=7)
+    return replace(base, **changes)
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image.image if hasattr(image, "image") else image)
+
+
+def test_same_seed_gives_byte_identical_pngs_and_other_seeds_differ(files, tmp_path: Path) -> None:
+    requests = [_request(files["a"]), _request(files["a"], seed=8)]
+    first = GenerationEngine().generate(requests)
+    second = GenerationEngine().generate(requests[:1])
+    first[0].save(tmp_path / "one.png")
+    second[0].save(tmp_path / "two.png")
+    assert (tmp_path / "one.png").read_bytes() == (tmp_path / "two.png").read_bytes()
+    assert not np.array_equal(_pixels(first[0]), _pixels(first[1]))
+    assert np.isfinite(_pixels(first[0])).all() and _pixels(first[0]).std() > 0
+
+
+def test_lora_by_tag_equals_lora_by_option_and_weight_zero_is_no_lora(files) -> None:
+    loader = CountingLoader()
+    engine = GenerationEngine(lora_dir=files["loras"], loader=loader)
+    prompt = "a photo of a dog, beach"
+    requests = [
+        _request(files["a"]),
+        _request(files["a"], prompt=f"{prompt} <lora:x:0.0>"),
+        _request(files["a"], prompt=f"{prompt} <lora:x:1.0>"),
+        _request(files["a"], loras=(LoraRef("x", 1.0),)),
+        _request(files["b"]),
+        _request(files["b"], prompt=f"{prompt} <lora:x:1.0>"),
+        _request(files["a"]),  # after the LoRA was applied and removed again
+    ]
+    base_a, zero, tag, option, base_b, tag_b, again = (_pixels(i) for i in engine.generate(requests))
+    assert np.array_equal(zero, base_a)
+    assert np.array_equal(tag, option)
+    assert not np.array_equal(tag, base_a)
+    assert not np.array_equal(tag_b, base_b)
+    assert np.array_equal(again, base_a)
+    # Requests alternate checkpoints, yet each checkpoint loads once (A, then B).
+    assert loader.calls == [files["a"], files["b"]]
+
+
+def test_png_parameters_parse_back_into_the_same_settings(files, tmp_path: Path) -> None:
+    engine = GenerationEngine(lora_dir=files["loras"])
+    request = _request(
+        files["a"],
+        prompt="a (photo:1.2) of a dog, beach <lora:y:0.6>",
+        loras=(LoraRef(str(files["loras"] / "x.safetensors"), 0.8),),
+        sampler="DPM++ 2M Karras",
+        cfg_scale=5.5,
+        clip_skip=2,
+        width=64,
+        height=72,
+    )
+    (image,) = engine.generate([request])
+    path = image.save(tmp_path / "params.png")
+    text = read_png_parameters(path)
+    assert text == image.infotext
+    parsed = GenerationParameters.from_text(text)
+    assert parsed == image.parameters
+    assert parsed.prompt == f"{request.prompt} <lora:x:0.8>"  # option LoRAs are written as tags, as A1111 reads them
+    assert parsed.negative_prompt == "blurry"
+    assert (parsed.steps, parsed.cfg_scale, parsed.seed, parsed.width, parsed.height, parsed.clip_skip) == (3, 5.5, 7, 64, 72, 2)
+    assert (parsed.sampler, parsed.schedule_type) == ("DPM++ 2M", "Karras")
+    assert resolve_sampler(parsed.sampler, parsed.schedule_type) == resolve_sampler("DPM++ 2M Karras")
+    lora_hash = read_lora_file(files["loras"] / "y.safetensors").metadata["sshs_model_hash"][:12]
+    assert parsed.lora_hashes == {"y": lora_hash, "x": lora_short_hash(files["loras"] / "x.safetensors")}
+    assert parsed.model == "model_a" and len(parsed.model_hash or "") == 10
+    assert 'Lora hashes: "x: ' in text and text.splitlines()[1] == "Negative prompt: blurry"
+
+
+def test_infotext_of_older_a1111_versions_reads_too() -> None:
+    text = (
+        "masterpiece, (blh woman:1.1)\nNegative prompt: easynegative, lowres\n"
+        'Steps: 28, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 1234, Size: 512x768, Model hash: 15012c538f, '
+        'Model: realisticVisionV51, Lora hashes: "blh: abcdef123456, other: 0123456789ab", ENSD: 31337, Version: v1.6.0'
+    )
+    parsed = GenerationParameters.from_text(text)
+    assert parsed.prompt == "masterpiece, (blh woman:1.1)" and parsed.negative_prompt == "easynegative, lowres"
+    assert (parsed.width, parsed.height, parsed.seed, parsed.cfg_scale) == (512, 768, 1234, 6.5)
+    assert parsed.lora_hashes == {"blh": "abcdef123456", "other": "0123456789ab"}
+    assert parsed.extra == {"ENSD": "31337"}
+    assert parse_infotext("just a prompt") == ("just a prompt", "", {})
+
+
+def test_3x3x2_plot_loads_each_checkpoint_once_and_labels_its_grids(files, tmp_path: Path) -> None:
+    loader = CountingLoader()
+    engine = GenerationEngine(lora_dir=files["loras"], loader=loader)
+    template = RequestTemplate(checkpoints=(str(files["a"]),), prompt="a photo of a dog", loras=("x",), steps="2", size="64x64")
+    axes = [parse_axis("cfg=3,5,7"), parse_axis("lora_weight=none,0.5,1"), parse_axis(f"checkpoint={files['a']},{files['b']}")]
+    cells = plan_xyz(template, axes, 11, Wildcards())
+    assert len(cells) == 18
+    result = render_xyz(engine, cells, axes, tmp_path / "xyz")
+    assert sorted(loader.calls) == [files["a"], files["b"]]
+
+    index = json.loads(result.index.read_text())
+    assert len(index["cells"]) == 18 and index["grids"] == ["grid-00.png", "grid-01.png"]
+    assert index["axes"]["z"]["kind"] == "checkpoint"
+    baseline = next(c for c in index["cells"] if c["labels"] == ["CFG: 5", "LoRA weight: none", "Checkpoint: model_b"])
+    assert baseline["parameters"]["lora_hashes"] == {} and baseline["parameters"]["cfg_scale"] == 5
+    for cell in index["cells"]:
+        assert (tmp_path / "xyz" / cell["file"]).is_file()
+
+    grid = Image.open(result.grids[0])
+    # Three 64 px columns and rows plus label bands at a legible size.
+    assert grid.width > 3 * 64 and grid.height > 3 * 64 + MIN_FONT_SIZE
+    band = np.asarray(grid.convert("L"))[: grid.height - 3 * 64, :]
+    assert (band < 128).sum() > 200  # the title and column labels are drawn in dark ink
+    grid.save("/tmp/loralab_xyz_grid.png")
+
+
+def test_grid_labels_are_drawn_at_a_legible_size() -> None:
+    cell = Image.new("RGB", (64, 64), (90, 140, 200))
+    grid, layout = draw_grid(
+        [[cell, cell], [cell, None]],
+        column_labels=["CFG: 3", "CFG: 7 with a label long enough to wrap onto more lines"],
+        row_labels=["LoRA: blh_final_rv20 (8)", "LoRA: none"],
+        title="Checkpoint: realisticVision",
+    )
+    assert layout.font_size >= MIN_FONT_SIZE
+    assert layout.top_band >= 2 * layout.font_size and layout.left_band >= 4 * layout.font_size
+    ink = np.asarray(grid.convert("L")) < 100
+    rows_with_ink = np.flatnonzero(ink[: layout.top_band].any(axis=1))
+    # Each line of text is at least ~60% of the font size tall (capital letters), so it reads at 100%.
+    assert rows_with_ink.size >= 0.6 * layout.font_size
+    assert ink[layout.top_band :, : layout.left_band].any()  # row labels
+
+
+def test_every_sampler_renders_and_sde_noise_is_seeded(files) -> None:
+    engine = GenerationEngine()
+    names = [*A1111_SAMPLERS, "euler_a", "k_dpm_2", "dpmsolver++", "dpmsingle"]
+    images = engine.generate([_request(files["a"], sampler=name, steps=2, prompt="x") for name in names])
+    for name, image in zip(names, images):
+        assert np.isfinite(_pixels(image)).all(), name
+    (again,) = engine.generate([_request(files["a"], sampler="DPM++ SDE Karras", steps=2, prompt="x")])
+    assert np.array_equal(_pixels(again), _pixels(images[names.index("DPM++ SDE Karras")]))
+    components = build_tiny_components("sd2v")
+    scheduler = build_scheduler(resolve_sampler("DPM++ 2M Karras"), components.noise_scheduler)
+    assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.use_karras_sigmas
+
+
+def test_sdxl_and_long_prompts_with_batches(files) -> None:
+    engine = GenerationEngine()
+    long_prompt = ", ".join(["a dog on a beach"] * 20)  # 3 chunks; the negative has 1 and is padded
+    requests = [
+        _request(files["xl"], prompt=long_prompt, seed=1),
+        _request(files["xl"], prompt="a cat", negative_prompt="", seed=2),
+    ]
+    batched = engine.generate(requests, batch_size=2)
+    single = engine.generate(requests[1:])
+    assert len(batched) == 2 and engine.load_count == 1
+    assert all(np.isfinite(_pixels(i)).all() for i in batched)
+    # An image depends on its seed, not on its place in a batch (up to float rounding).
+    assert np.abs(_pixels(batched[1]).astype(int) - _pixels(single[0]).astype(int)).max() <= 2
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    [
+        ({"sampler": "Euler b"}, SamplerError, "known samplers: Euler a, Euler,"),
+        ({"prompt": "x <lora:missing:1>"}, LoralabError, "'missing' not found"),
+        ({"prompt": "x <lora:xl:1>"}, LoralabError, "LoRA for SDXL but the checkpoint is SD1.x"),
+        ({"width": 65}, GenerationError, "width 65 must be a positive multiple of 8"),
+        ({"cfg_scale": 0.0}, GenerationError, "CFG scale 0 must be above 0"),
+        ({"negative_prompt": "<lora:x:1>"}, GenerationError, "not in the negative prompt"),
+        ({"prompt": "x <hypernet:h:1>"}, LoralabError, "only <lora"),
+    ],
+)
+def test_bad_input_is_one_error_before_any_model_loads(files, changes, error, message) -> None:
+    engine = GenerationEngine(lora_dir=files["loras"], loader=CountingLoader(allow=False))
+    with pytest.raises(error, match=message) as caught:
+        engine.generate([_request(files["a"]), _request(files["a"], **changes)])
+    assert "\n" not in str(caught.value)
+
+
+def test_axes_are_checked_before_rendering(files) -> None:
+    with pytest.raises(SamplerError):
+        parse_axis("sampler=Euler a,Nope")
+    with pytest.raises(AxisError, match="KIND"):
+        parse_axis("colour=red")
+    template = RequestTemplate(checkpoints=(str(files["a"]),), prompt="a dog")
+    with pytest.raises(AxisError, match="not in the prompt"):
+        plan_xyz(template, [parse_axis("prompt=cat,bird")], 1, Wildcards())
+    with pytest.raises(AxisError, match="needs LoRAs"):
+        plan_xyz(template, [parse_axis("lora_weight=0.5,1")], 1, Wildcards())
+    with pytest.raises(WildcardError):
+        plan_xyz(replace(template, prompt="__nothing__"), [parse_axis("cfg=3,4")], 1, Wildcards())
+
+
+def test_cli_generates_pngs_and_reports_bad_input_in_one_line(files, tmp_path: Path, capsys) -> None:
+    common = ["generate", "--checkpoint", str(files["a"]), "--steps", "2", "--width", "64", "--height", "64"]
+    out = tmp_path / "out"
+    code = main([*common, "--prompt", "a dog <lora:x:0.7>", "--lora-dir", str(files["loras"]), "--seed", "5",
+                 "--batch", "2", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000-5.png", "00001-6.png"]
+    parsed = GenerationParameters.from_text(read_png_parameters(out / "00001-6.png"))
+    assert (parsed.seed, parsed.prompt) == (6, "a dog <lora:x:0.7>")
+
+    # --count with two checkpoints and variants: each image draws, each checkpoint loads once.
+    code = main([*common[:3], "--checkpoint", str(files["b"]), *common[3:], "--prompt", "a {dog|cat} <lora:{x|y}:{0.5|1}>",
+                 "--lora-dir", str(files["loras"]), "--cfg", "{3|6}", "--count", "4", "--seed", "9", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    assert len(list(out.glob("*.png"))) == 6
+    assert "4 images" in capsys.readouterr().out
+
+    code = main([*common, "--prompt", "x", "--sampler", "Eular a", "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown sampler 'Eular a'; known samplers:") and err.count("\n") == 1
+
+
+def test_cli_xyz_plot_with_a_prompt_file(files, tmp_path: Path, capsys) -> None:
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("# one prompt\na photo of a dog --n ugly --s 2 --d 3 --w 64 --h 64\n", encoding="utf-8")
+    code = main(["generate", "--checkpoint", str(files["a"]), "--prompt-file", str(prompt_file), "--lora-dir",
+                 str(files["loras"]), "--x", "lora=none,x,y", "--y", "seed=1,2", "--out", str(tmp_path / "plot")])  # fmt: skip
+    assert code == 0
+    index = json.loads((tmp_path / "plot" / "index.json").read_text())
+    assert len(index["cells"]) == 6 and (tmp_path / "plot" / "grid.png").is_file()
+    assert {c["parameters"]["negative_prompt"] for c in index["cells"]} == {"ugly"}
+    assert "grid:" in capsys.readouterr().out
