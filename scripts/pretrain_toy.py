@@ -81,21 +81,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="torch CPU threads (1: fastest on a busy 2-core machine, and results depend on it)")
     parser.add_argument("--device", default="cpu",
                         help="torch device; the shipped checkpoints are made on the CPU (other devices differ numerically)")
-    parser.add_argument("--minutes", type=float, default=25.0, help="wall-time cap for the whole run")
-    parser.add_argument("--vae-steps", type=int, default=700)
-    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--minutes", type=float, default=30.0, help="wall-time cap for the whole run")
+    parser.add_argument("--vae-steps", type=int, default=900)
+    parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="take the (already calibrated) VAE from this toy checkpoint and skip stage 1")
-    parser.add_argument("--world-images", type=int, default=16000, help="world scenes encoded for stage 2")
-    parser.add_argument("--unet-steps", type=int, default=2000)
+    parser.add_argument("--world-images", type=int, default=6000, help="world scenes encoded for stage 2")
+    parser.add_argument("--unet-steps", type=int, default=900)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--unet-lr", type=float, default=6e-4)
-    parser.add_argument("--text-encoder-lr", type=float, default=3e-4)
+    parser.add_argument("--unet-lr", type=float, default=1.2e-3)
+    parser.add_argument("--text-encoder-lr", type=float, default=6e-4)
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--ema-decay", type=float, default=0.995)
-    parser.add_argument("--alt-images", type=int, default=4000, help="warm-style scenes encoded for stage 3")
-    parser.add_argument("--alt-steps", type=int, default=300)
+    parser.add_argument("--alt-images", type=int, default=2000, help="warm-style scenes encoded for stage 3")
+    parser.add_argument("--alt-steps", type=int, default=120)
     parser.add_argument("--alt-lr", type=float, default=2e-4)
     parser.add_argument("--preview-dir", type=Path, default=None, help="write sample grids (PNG) here")
     parser.add_argument("--log-every", type=int, default=50)
@@ -185,14 +185,14 @@ def to_images(pixels: torch.Tensor) -> list[np.ndarray]:
 
 
 def codec_batch(rng: np.random.Generator, size: int) -> torch.Tensor:
-    """VAE training images: 60 % codec scenes (any colour), 40 % world scenes (both styles)."""
+    """VAE training images: 35 % codec scenes (any colour), 65 % world scenes (both styles)."""
     scenes = []
     for _ in range(size):
         draw = rng.random()
-        if draw < 0.6:
+        if draw < 0.35:
             scenes.append(world.sample_codec_scene(rng))
         else:
-            scenes.append(world.sample_scene(rng, "warm" if draw > 0.9 else "base"))
+            scenes.append(world.sample_scene(rng, "warm" if draw > 0.85 else "base"))
     return to_tensor(world.render(s, toy_model.RESOLUTION) for s in scenes)
 
 
@@ -215,6 +215,13 @@ def train_vae(vae: torch.nn.Module, args: argparse.Namespace, deadline: float) -
     record = StageRecord("vae", args.vae_steps)
     rng = np.random.default_rng([args.seed, 1])
     generator = torch.Generator().manual_seed(args.seed + 1)
+    with torch.no_grad():
+        # Start with a nearly deterministic posterior (std ~0.02): at the default std of ~1 the
+        # sampled latents are mostly noise and the decoder first spends hundreds of steps
+        # learning the mean image. The KL term is free to widen it again.
+        channels = vae.config.latent_channels
+        vae.quant_conv.weight[channels:].zero_()
+        vae.quant_conv.bias[channels:].fill_(-8.0)
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(50, args.vae_steps))
@@ -257,6 +264,25 @@ def calibrate_latent_scale(vae: torch.nn.Module, seed: int) -> float:
     vae.quant_conv.bias[channels:] += 2 * math.log(factor)
     vae.post_quant_conv.weight /= factor
     return factor
+
+
+@torch.no_grad()
+def reconstruction_check(vae: torch.nn.Module, seed: int, preview: Path | None) -> float:
+    """Mean absolute error (0-255 scale) of the VAE on held-out world and subject images;
+    with ``preview``, a PNG of originals (top rows) over reconstructions."""
+    rng = np.random.default_rng([seed, 6])
+    scenes = [world.sample_scene(rng) for _ in range(24)] + [world.sample_subject_scene(rng) for _ in range(8)]
+    pixels = to_tensor(world.render(s, toy_model.RESOLUTION) for s in scenes).to(vae.device)
+    reconstruction = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+    error = float((reconstruction.clamp(-1, 1) - pixels).abs().mean() * 127.5)
+    if preview is not None:
+        rows = [np.concatenate(to_images(batch.cpu()), axis=1) for batch in (pixels, reconstruction)]
+        grid = np.concatenate([np.concatenate(np.split(r, 4, axis=1), axis=0) for r in rows], axis=0)
+        preview.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.Resampling.NEAREST).save(
+            preview / "vae_reconstruction.png"
+        )
+    return error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,10 +525,12 @@ def setup_components(args: argparse.Namespace, budget: Budget, records: list[Sta
         components.vae = load_vae(args.vae_from, ModelFamily.SD1, device=args.device)
         log(f"[vae] taken from {args.vae_from}")
         return components
-    records.append(train_vae(components.vae, args, budget.deadline(0.3)))
+    records.append(train_vae(components.vae, args, budget.deadline(0.35)))
     factor = calibrate_latent_scale(components.vae, args.seed)
     records[-1].extra["latent_rescale"] = factor
-    log(f"[vae] latent space rescaled by {factor:.3f}")
+    error = reconstruction_check(components.vae, args.seed, args.preview_dir)
+    records[-1].extra["reconstruction_mae"] = error
+    log(f"[vae] latent space rescaled by {factor:.3f}; held-out reconstruction error {error:.1f} / 255")
     return components
 
 

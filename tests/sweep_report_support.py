@@ -175,42 +175,45 @@ def expanded_entries() -> list[dict[str, Any]]:
     return entries
 
 
+def write_lora_files(run_dir: Path) -> None:
+    """The LoRA files a run saves (``blh-000002.safetensors``, ``blh.safetensors``), one tiny tensor each,
+    and the manifest's plan totals the results table reads steps from."""
+    from safetensors.numpy import save_file
+
+    for save_point in SAVE_POINTS:
+        name = "blh.safetensors" if save_point == "final" else f"blh-{_epoch_of(save_point):06d}.safetensors"
+        save_file({"lora_unet_x.alpha": np.array(4.0, dtype=np.float32)}, str(run_dir / name))
+    plan = {"steps_per_epoch": STEPS_PER_EPOCH, "max_train_steps": EPOCHS * STEPS_PER_EPOCH, "epochs": EPOCHS}
+    (run_dir / "manifest.json").write_text(json.dumps({"plan": plan, "final_metrics": {}}), encoding="utf-8")
+
+
 def make_sweep(root: Path) -> Path:
     """Build the synthetic sweep folder under ``root`` and return it."""
     sweep = root / "sweep"
     train_dir = root / "dataset"
-    draw_image(
-        train_dir / "1_blh woman" / "000.png", checkpoint=CHECKPOINTS[0], thickness=4, epoch=4, shape=0, trigger=True
-    )
-    (sweep / "sweep.toml").parent.mkdir(parents=True, exist_ok=True)
-    (sweep / "sweep.toml").write_text(
-        '[baseline]\nconfig = "baseline.toml"\n[axes]\nnetwork_dim = [4, 8]\n', encoding="utf-8"
-    )
+    ring = {"checkpoint": CHECKPOINTS[0], "thickness": 4, "epoch": 4, "shape": 0, "trigger": True}
+    draw_image(train_dir / "1_blh woman" / "000.png", **ring)
+    sweep.mkdir(parents=True)
+    (sweep / "sweep.toml").write_text('name = "Synthetic"\n[baseline]\nconfig = "baseline.toml"\n', encoding="utf-8")
     (sweep / "expanded.json").write_text(json.dumps(expanded_entries(), indent=1), encoding="utf-8")
-    runner_rows = []
     for seed, (name, spec) in enumerate(RUNS.items()):
         run_dir = sweep / "runs" / name
         run_dir.mkdir(parents=True)
         (run_dir / "config.toml").write_text(config_toml(train_dir, name, spec), encoding="utf-8")
         failed = spec["state"] == "failed"
         write_logs(run_dir / "logs", seed=seed, d_adapt=spec["d_adapt"], failed=failed)
-        write_status(
-            run_dir,
-            RunStatus(
-                state=spec["state"],
-                error=FAILED_ERROR if failed else None,
-                wall_seconds=95.0 + 10 * seed,
-                peak_memory_mb=None if failed else 1234.5,
-            ),
+        status = RunStatus(
+            state=spec["state"],
+            error=FAILED_ERROR if failed else None,
+            wall_seconds=95.0 + 10 * seed,
+            peak_memory_mb=None if failed else 1234.5,
         )
+        write_status(run_dir, status)
         if failed:
-            runner_rows.append({"run": name, "save_point": None, "state": "failed", "runner_note": "kept"})
             continue
+        write_lora_files(run_dir)
         for save_point in SAVE_POINTS:
             write_eval(sweep / "eval" / name / save_point, thickness=spec["thickness"], epoch=_epoch_of(save_point))
-            steps = _epoch_of(save_point) * STEPS_PER_EPOCH
-            runner_rows.append({"run": name, "save_point": save_point, "steps": steps, "runner_note": "kept"})
     for checkpoint in CHECKPOINTS:
         write_eval(sweep / "eval" / "baseline_models" / checkpoint, thickness=0, epoch=0, with_lora=False)
-    (sweep / "results.json").write_text(json.dumps(runner_rows), encoding="utf-8")
     return sweep

@@ -55,16 +55,24 @@ class DevToolsPage:
 
     def __init__(self, user_data_dir: Path, log_path: Path) -> None:
         self._log = open(log_path, "wb")
+        port_file = user_data_dir / "DevToolsActivePort"
+        port_file.unlink(missing_ok=True)  # a profile used before holds the port of a browser long gone
         self.process = subprocess.Popen(
             [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={user_data_dir}", "about:blank"],
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        port = self._wait_for_port(user_data_dir / "DevToolsActivePort")
-        targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=TIMEOUT))
-        page = next(target for target in targets if target["type"] == "page")
-        # No Origin header: Chromium refuses DevTools connections from origins it was not told to allow.
-        self.socket = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=TIMEOUT, suppress_origin=True)
+        try:
+            port = self._wait_for_port(port_file)
+            targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=TIMEOUT))
+            page = next(target for target in targets if target["type"] == "page")
+            # No Origin header: Chromium refuses DevTools connections from origins it was not told to allow.
+            self.socket = websocket.create_connection(
+                page["webSocketDebuggerUrl"], timeout=TIMEOUT, suppress_origin=True
+            )
+        except BaseException:
+            self._stop_browser(terminate=True)  # never leave a headless browser behind
+            raise
         self._next_id = 0
         self.events: list[dict[str, Any]] = []
         for domain in ("Page", "Runtime", "Log"):
@@ -139,6 +147,12 @@ class DevToolsPage:
         except Exception:  # the browser may close the socket before it answers
             pass
         self.socket.close()
+        self._stop_browser(terminate=False)
+
+    def _stop_browser(self, *, terminate: bool) -> None:
+        """Wait for the browser to exit (``terminate``: ask it to first); kill it if it will not."""
+        if terminate and self.process.poll() is None:
+            self.process.terminate()
         try:
             self.process.wait(timeout=15)
         except subprocess.TimeoutExpired:

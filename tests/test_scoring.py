@@ -530,3 +530,13 @@ def test_eval_checkpoints_without_a_lora_are_scored_against_the_baseline_run(tmp
     assert results[("baseline_models", "ckpt")].values["likeness"] < results[("near", "final")].values["likeness"]
     assert scores_path(sweep, "baseline_models", "ckpt").is_file()
     assert os.path.basename(scores_path(sweep, "baseline_models", "ckpt")) == "ckpt.json"
+
+
+def test_one_broken_save_point_does_not_stop_the_others(tmp_path: Path) -> None:
+    from loralab.sweep.scoring import score_sweep
+
+    sweep = make_face_sweep(tmp_path)
+    (sweep / "eval" / "far" / "final" / "00.png").unlink()
+    with pytest.raises(ScoringError, match="evaluation image.* of far at final are missing"):
+        score_sweep(sweep, build_scorers(ScoringSettings()))
+    assert scores_path(sweep, "near", "final").is_file()  # scored although "far" came first

@@ -248,7 +248,9 @@ class TrainConfig(BaseModel):
     sample_every_n_epochs: int | None = Field(None, ge=0, description="Render samples every N epochs (0/unset: off).")
     sample_every_n_steps: int | None = Field(None, ge=0, description="Render samples every N steps (0/unset: off).")
     sample_at_first: bool = Field(False, description="Render samples before the first step.")
-    sample_sampler: SampleSamplerName = Field("ddim", description="Sampler for sample images.")
+    sample_sampler: SampleSamplerName | None = Field(
+        None, description="Sampler for sample images (unset: euler_a for every family; sd-scripts defaults to ddim)."
+    )
 
     @model_validator(mode="before")
     @classmethod

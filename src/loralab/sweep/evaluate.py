@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -121,9 +123,14 @@ def _prompts(spec: SweepSpec, evaluation: EvaluationSpec, name: str, value: list
     if path.suffix != ".txt" or not path.is_file():
         raise SweepError(f"{spec.source}: evaluation.prompts.{name}: wildcard file {path} not found (a .txt list)")
     template = value.template or ", ".join(filter(None, [evaluation.trigger, f"__{path.stem}__"]))
-    wildcards = Wildcards(path.parent)
-    # Prompt i is drawn with seed i: the same file and count always give the same prompts.
-    return [wildcards.expand(template, seed=index) for index in range(value.count)]
+    # Wildcards are read from a folder of only the wildcard lists (.txt) beside the file: other files
+    # there (configs, sweep files) are not wildcards.
+    with tempfile.TemporaryDirectory(prefix="loralab-wildcards-") as folder:
+        for text_file in path.parent.glob("*.txt"):
+            shutil.copyfile(text_file, Path(folder) / text_file.name)
+        wildcards = Wildcards(folder)
+        # Prompt i is drawn with seed i: the same file and count always give the same prompts.
+        return [wildcards.expand(template, seed=index) for index in range(value.count)]
 
 
 def write_evaluation(settings: EvalSettings, sweep_dir: Path) -> None:

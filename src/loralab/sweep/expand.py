@@ -163,11 +163,11 @@ def parse_axes(spec: SweepSpec) -> tuple[Axis, ...]:
     axes = []
     for name, values in spec.axes.items():
         setting = canonical_setting(name)
-        if setting is not None:
+        if isinstance(values, dict) and _holds_groups(setting, values):
+            variants = [Variant(str(label), _group_overrides(spec, name, label, group)) for label, group in values.items()]
+        elif setting is not None:
             labelled = values.items() if isinstance(values, dict) else ((format_label(v), v) for v in values)
             variants = [Variant(str(label), {setting: value}) for label, value in labelled]
-        elif isinstance(values, dict):
-            variants = [Variant(str(label), _group_overrides(spec, name, label, group)) for label, group in values.items()]
         else:
             raise SweepError(
                 f"{spec.source}: axis {name!r} is not a setting; give labelled groups of settings, e.g. "
@@ -179,6 +179,17 @@ def parse_axes(spec: SweepSpec) -> tuple[Axis, ...]:
             raise SweepError(f"{spec.source}: axis {name!r} has two values labelled {duplicates[0]!r}; label them apart")
         axes.append(Axis(name, setting, tuple(variants)))
     return tuple(axes)
+
+
+def _holds_groups(setting: str | None, values: dict[str, Any]) -> bool:
+    """Whether a labelled axis holds groups of settings rather than values of its setting.
+
+    Any axis may hold groups (``[axes.optimizer] Prodigy = { optimizer = "Prodigy", ... }``);
+    only ``optimizer_args`` takes a table as its value, so there a table is a value.
+    """
+    if setting is None:
+        return True
+    return setting != "optimizer_args" and any(isinstance(value, dict) for value in values.values())
 
 
 def _group_overrides(spec: SweepSpec, axis: str, label: str, group: Any) -> dict[str, Any]:
@@ -272,7 +283,9 @@ class _Builder:
         try:
             return apply_overrides(self.baseline, override_strings(overrides))
         except LoralabError as exc:
-            raise SweepError(f"{self.spec.source}: variant {what}: {str(exc).removeprefix('--set: ')}") from None
+            # The config's message names its source (``--set ...: ``); here the variant is the source.
+            message = str(exc).split(": ", 1)[1] if str(exc).startswith("--set") else str(exc)
+            raise SweepError(f"{self.spec.source}: variant {what}: {message}") from None
 
     def is_baseline(self, config: TrainConfig) -> bool:
         return config_hash(config) == self.baseline_hash
@@ -281,7 +294,7 @@ class _Builder:
         """The baseline's label on each axis: the value that leaves it unchanged, else its setting."""
         labels = {}
         for axis in axes:
-            same = [v.label for v in axis.variants if self.is_baseline(self.configure(v.overrides, axis.name))]
+            same = [v.label for v in axis.variants if self.is_baseline(self.configure(v.overrides, f"{axis.name}-{v.label}"))]
             labels[axis.name] = same[0] if same else self._current_label(axis)
         return labels
 

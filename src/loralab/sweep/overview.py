@@ -37,9 +37,11 @@ class RunPlan:
 
 def placeholders_of(config: Any) -> tuple[str, ...]:
     """Settings still holding a ``<path to ...>`` placeholder, as ``key = value``."""
+    from loralab.sweep.expand import OUTPUT_KEYS  # the sweep chooses where runs write
+
     found = []
     for key, value in config.model_dump().items():
-        if isinstance(value, str | Path) and is_placeholder(str(value)):
+        if key not in OUTPUT_KEYS and isinstance(value, str | Path) and is_placeholder(str(value)):
             found.append(f"{key} = {value}")
     return tuple(found)
 
@@ -120,7 +122,7 @@ def format_overview(
         lines.append(f"  {plan.run.name:<{width}}  {steps:>7}  {epochs:>6}  {plan.state}")
     pending = [plan for plan in plans if plan.to_train]
     lines.append(f"to train: {len(pending)} of {len(plans)} runs, {steps_to_train(plans)} steps")
-    if pending:
+    if pending and steps_to_train(plans):
         if step_time is not None:
             lines.append(estimate_line(plans, *step_time))
         else:

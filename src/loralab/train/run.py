@@ -117,6 +117,7 @@ def train(
         # The caller's random state and thread count are theirs; the run uses its own.
         cleanup.enter_context(torch.random.fork_rng(devices=_cuda_devices()))
         accelerator = setup_accelerator(cleanup)
+        accelerator.wait_for_everyone()  # every process has checked run_dir before the main one writes to it
         threads = apply_cpu_threads(config.num_cpu_threads_per_process, config.max_data_loader_n_workers)
         cleanup.callback(torch.set_num_threads, threads.previous_torch_threads)
         torch.manual_seed(config.seed + accelerator.process_index)  # LoRA dropouts draw from it
@@ -292,7 +293,9 @@ def setup_data(
         raise RuntimeError(f"dataset has {dataset.batches_per_epoch} batches per epoch, the plan {plan.batches_per_epoch}")
 
     if config.cache_latents or config.cache_latents_to_disk:
-        cache = LatentCache.for_vae(components.vae, source=config.vae or config.pretrained_model_name_or_path)
+        cache = LatentCache.for_vae(
+            components.vae, source=config.vae or config.pretrained_model_name_or_path, root=config.cache_dir
+        )
         if accelerator.is_main_process:
             cache.fill(components.vae, dataset.latent_requests(), progress=False)
         accelerator.wait_for_everyone()
@@ -303,7 +306,7 @@ def setup_data(
     if (config.cache_text_encoder_outputs or config.cache_text_encoder_outputs_to_disk or frozen) and not (
         CaptionOptions.from_config(config).changes_captions
     ):
-        root = default_cache_dir() if config.cache_text_encoder_outputs_to_disk else None
+        root = (config.cache_dir or default_cache_dir()) if config.cache_text_encoder_outputs_to_disk else None
         text_cache = TextEncoderCache.from_components(
             components, clip_skip=config.clip_skip, max_token_length=config.max_token_length, root=root
         )
@@ -360,7 +363,7 @@ def resolve_run_config(config: Any, run_dir: Path) -> Any:
         "output_name": config.output_name or DEFAULT_OUTPUT_NAME,
         "resume": None,
     }
-    if "sample_sampler" not in config.model_fields_set:
+    if config.sample_sampler is None:
         update["sample_sampler"] = DEFAULT_SAMPLER
     return config.model_copy(update=update)
 

@@ -19,7 +19,6 @@ the step, epoch and time (:func:`save_lora`).
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -205,7 +204,3 @@ def save_lora(
     final["ss_training_finished_at"] = str(time.time())
     return save_lora_file(path, network.state_dict(), final, dtype)
 
-
-def metadata_json(metadata: Mapping[str, str], key: str) -> Any:
-    """A JSON-valued metadata field decoded (``ss_dataset_dirs``, ``ss_tag_frequency`` ...)."""
-    return json.loads(metadata[key])

@@ -8,11 +8,21 @@ has no logs yet is still listed, with what is known about it.
 from __future__ import annotations
 
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loralab.sweep.layout import BASELINE_MODELS, EVAL_DIR, FINAL, INDEX_FILE, SCORES_DIR, read_status, run_dir
+from loralab.sweep.layout import (
+    BASELINE_MODELS,
+    EVAL_DIR,
+    FINAL,
+    INDEX_FILE,
+    SCORES_DIR,
+    SWEEP_FILE,
+    read_status,
+    run_dir,
+)
 from loralab.sweep.scoring.base import EvalImage
 from loralab.sweep.scoring.eval_index import read_eval_index, read_run_config_values
 from loralab.sweep.scoring.registry import BUILTIN_SCORES
@@ -56,22 +66,11 @@ class RunReport:
         series = self.scalars.get("loss/current")
         return series[-1][0] if series else None
 
-    def final_loss(self, save_point: str) -> float | None:
-        """``loss/epoch`` of the save point's epoch; for ``final`` the last one logged."""
-        epochs = dict(self.scalars.get("loss/epoch", []))
-        match = _EPOCH_LABEL.fullmatch(save_point)
-        if match:
-            return epochs.get(int(match.group(1)))
-        if save_point == FINAL and epochs:
-            return epochs[max(epochs)]
-        return None
-
-    def steps(self, save_point: str) -> int | None:
-        """Optimizer steps at the save point where the label or the logs say it exactly."""
-        match = _STEP_LABEL.fullmatch(save_point)
-        if match:
-            return int(match.group(1))
-        return self.last_step if save_point == FINAL and self.state == "complete" else None
+    @property
+    def last_epoch_loss(self) -> float | None:
+        """The last ``loss/epoch`` logged (the mean loss of the last finished epoch)."""
+        series = self.scalars.get("loss/epoch")
+        return series[-1][1] if series else None
 
 
 @dataclass
@@ -80,10 +79,12 @@ class SweepReportData:
 
     sweep_dir: Path
     runs: dict[str, RunReport]  # run name -> run, in expanded.json order
-    comparisons: dict[str, list[str]]  # comparison -> run names, in expanded.json order
+    comparisons: dict[str, list[str]]  # comparison -> run names: baseline runs first, then expanded.json order
     base_images: dict[str, tuple[EvalImage, ...]]  # eval checkpoint label -> images without a LoRA
     base_scores: dict[str, SavePointScores]
     score_names: list[str]
+    title: str = ""  # the sweep file's name (default: the folder's name)
+    description: str = ""
 
     def comparison_runs(self, comparison: str) -> list[RunReport]:
         return [self.runs[name] for name in self.comparisons[comparison]]
@@ -122,6 +123,8 @@ def collect_sweep(sweep_dir: Path) -> SweepReportData:
         run.comparisons.append(comparison)
         run.entries[comparison] = entry
         comparisons.setdefault(comparison, []).append(name)
+    for names in comparisons.values():  # the baseline first: it is the row everything is read against
+        names.sort(key=lambda name: not runs[name].is_baseline)
     for run in runs.values():
         _read_run(sweep_dir, run)
     base_images = {
@@ -133,7 +136,20 @@ def collect_sweep(sweep_dir: Path) -> SweepReportData:
         for label in base_images
         if (scores := read_scores(scores_path(sweep_dir, BASELINE_MODELS, label))) is not None
     }
-    return SweepReportData(sweep_dir, runs, comparisons, base_images, base_scores, _score_names(runs, base_scores))
+    title, description = _sweep_title(sweep_dir)
+    return SweepReportData(
+        sweep_dir, runs, comparisons, base_images, base_scores, _score_names(runs, base_scores), title, description
+    )
+
+
+def _sweep_title(sweep_dir: Path) -> tuple[str, str]:
+    """``name`` and ``description`` of the sweep file copied into the folder (raw TOML: the
+    copy's relative paths need not resolve for this)."""
+    try:
+        spec = tomllib.loads((sweep_dir / SWEEP_FILE).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        spec = {}
+    return str(spec.get("name") or sweep_dir.name), str(spec.get("description") or "")
 
 
 def _read_run(sweep_dir: Path, run: RunReport) -> None:

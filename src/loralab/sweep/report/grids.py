@@ -1,11 +1,13 @@
 """The comparison's image grids, per eval checkpoint and prompt set, as the guide lays them out.
 
-- A prompt set with one prompt (the guide's "simple" and "complex" prompts): one grid per seed,
-  rows = variants, columns = save points; the baseline's rows are boxed in red.
+- A prompt set with one prompt (the guide's "simple" and "complex" prompts): rows = variants
+  (with several seeds, a row per variant and seed), columns = save points; the baseline's rows
+  are boxed in red.
 - A prompt set with several prompts (the guide's random scene prompts): one grid per save
   point, rows = prompt and seed, columns = variants; the baseline's columns are boxed.
 
-LoRA weights and the images rendered without the trigger get grids of their own. Cells are
+LoRA weights and the images rendered without the trigger get grids of their own (the latter
+shown folded, as are earlier save points of prompt-varied sets). Cells are
 thumbnails (:func:`thumbnail_side`); a missing image (failed run, save point not reached) is a
 grey cell. Drawing and labels are :func:`loralab.sample.grids.draw_grid`'s.
 """
@@ -40,7 +42,7 @@ class GridFigure:
     image: Image.Image
     layout: GridLayout
     shape: tuple[int, int]  # (rows, columns) of cells
-    collapsed: bool = False  # shown folded (earlier save points of prompt-varied sets)
+    collapsed: bool = False  # shown folded (images without the trigger, earlier save points of varied sets)
 
     def cell_box(self, row: int, column: int) -> tuple[int, int, int, int]:
         """Pixel box (left, top, right, bottom) of one cell's slot in :attr:`image`."""
@@ -85,39 +87,40 @@ def comparison_grids(runs: Sequence[RunReport]) -> list[GridFigure]:
     figures: list[GridFigure] = []
     for (checkpoint, prompt_set, weight, trigger), items in groups.items():
         section = f"{checkpoint} · {prompt_set}"
-        qualifiers = ([f"LoRA weight {weight:g}"] if len(weights) > 1 else []) + (
-            [] if trigger else ["without trigger"]
-        )
+        qualifiers = [f"LoRA weight {weight:g}"] if len(weights) > 1 else []
+        if not trigger:
+            qualifiers.append("without trigger")
         prompts = list(dict.fromkeys(item.image.prompt for item in items))
         if len(prompts) == 1:
-            figures += _single_prompt_grids(runs, items, section, qualifiers, prompts[0])
+            figures += _single_prompt_grids(runs, items, section, qualifiers, prompts[0], trigger=trigger)
         else:
-            figures += _varied_prompt_grids(runs, items, section, qualifiers)
+            figures += _varied_prompt_grids(runs, items, section, qualifiers, trigger=trigger)
     return figures
 
 
 def _single_prompt_grids(
-    runs: Sequence[RunReport], items: list[_Placed], section: str, qualifiers: list[str], prompt: str
+    runs: Sequence[RunReport], items: list[_Placed], section: str, qualifiers: list[str], prompt: str, *, trigger: bool
 ) -> list[GridFigure]:
+    """One grid: a row per variant and seed (a variant's seeds side by side), a column per save point."""
     save_points = sorted({item.save_point for item in items}, key=save_point_order)
-    figures = []
-    for seed in sorted({item.image.seed for item in items}):
-        found = {(item.run.name, item.save_point): item.image for item in items if item.image.seed == seed}
-        cells = [[found.get((run.name, point)) for point in save_points] for run in runs]
-        drawn = _draw(
-            cells,
-            columns=[save_point_title(point) for point in save_points],
-            rows=[_run_label(run) for run in runs],
-            boxed_rows=[index for index, run in enumerate(runs) if run.is_baseline],
-        )
-        if drawn is not None:
-            title = ", ".join([f"seed {seed}", *qualifiers])
-            figures.append(GridFigure(section, title, prompt, *drawn, shape=(len(runs), len(save_points))))
-    return figures
+    seeds = sorted({item.image.seed for item in items})
+    found = {(item.run.name, item.image.seed, item.save_point): item.image for item in items}
+    rows = [(run, seed) for run in runs for seed in seeds]
+    drawn = _draw(
+        [[found.get((run.name, seed, point)) for point in save_points] for run, seed in rows],
+        columns=[save_point_title(point) for point in save_points],
+        rows=[_run_label(run) + (f", seed {seed}" if len(seeds) > 1 else "") for run, seed in rows],
+        boxed_rows=[index for index, (run, _) in enumerate(rows) if run.is_baseline],
+    )
+    if drawn is None:
+        return []
+    title = ", ".join([f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}", *qualifiers])
+    # Images without the trigger only check for leaks: folded, so the grids that matter come first.
+    return [GridFigure(section, title, prompt, *drawn, shape=(len(rows), len(save_points)), collapsed=not trigger)]
 
 
 def _varied_prompt_grids(
-    runs: Sequence[RunReport], items: list[_Placed], section: str, qualifiers: list[str]
+    runs: Sequence[RunReport], items: list[_Placed], section: str, qualifiers: list[str], *, trigger: bool
 ) -> list[GridFigure]:
     save_points = sorted({item.save_point for item in items}, key=save_point_order)
     pairs = list(dict.fromkeys((item.image.prompt, item.image.seed) for item in items))
@@ -138,11 +141,8 @@ def _varied_prompt_grids(
         if drawn is not None:
             title = ", ".join([save_point_title(point), *qualifiers])
             caption = f"{len(pairs)} prompt and seed pairs (prompts shortened in the row labels)"
-            figures.append(
-                GridFigure(
-                    section, title, caption, *drawn, shape=(len(pairs), len(runs)), collapsed=point != save_points[-1]
-                )
-            )
+            folded = point != save_points[-1] or not trigger
+            figures.append(GridFigure(section, title, caption, *drawn, shape=(len(pairs), len(runs)), collapsed=folded))
     return figures
 
 

@@ -137,7 +137,7 @@ def runs_table(runs: Sequence[RunReport], comparison: str) -> str:
             + cell(number(entry.get("value")))
             + cell(state)
             + cell(number(run.last_step), "num")
-            + cell(number(run.final_loss("final")), "num")
+            + cell(number(run.last_epoch_loss), "num")
             + cell(duration(run.wall_seconds), "num")
             + cell("—" if run.peak_memory_mb is None else f"{run.peak_memory_mb:,.0f}", "num")
             + cell(error)
@@ -278,7 +278,8 @@ def summary_page(
         counts[run.state] = counts.get(run.state, 0) + 1
     total = sum(run.wall_seconds or 0.0 for run in runs)
     parts = [
-        f"<h1>Sweep {escape(data.sweep_dir.name)}</h1>",
+        f"<h1>{escape(data.title)}</h1>",
+        f"<p>{escape(data.description)}</p>" if data.description else "",
         "<p>"
         + ", ".join(f"{count} {escape(state)}" for state, count in counts.items())
         + f" of {len(runs)} runs; training wall time {duration(total)}. "
@@ -309,7 +310,7 @@ def summary_page(
             for run in failed_runs
         )
         parts.append(f"<h2>Failed runs</h2><ul>{items}</ul>")
-    if data.base_scores:
+    if any(scores.values for scores in data.base_scores.values()):
         base_rows = [
             "<tr>"
             + cell(escape(label))
@@ -330,4 +331,4 @@ def summary_page(
     all_rows = score_rows(runs)
     if all_rows:
         parts.append(missing_list(all_rows, data.score_names))
-    return page("loralab sweep report", nav, "\n".join(parts))
+    return page(f"{data.title} — loralab sweep report", nav, "\n".join(parts))

@@ -71,10 +71,16 @@ def score_rows(runs: Sequence[RunReport]) -> list[ScoreRow]:
 
 
 def best_rows(rows: Sequence[ScoreRow], score_names: Sequence[str]) -> dict[str, ScoreRow]:
-    """Per score, the row with the best value (ties: the first row); scores without values are left out."""
+    """Per score, the row with the best value (ties: the first row).
+
+    Scores without values are left out, and so are scores where every row has the same value:
+    nothing won there.
+    """
     best: dict[str, ScoreRow] = {}
     for name in score_names:
         candidates = [row for row in rows if name in row.values]
+        if len(candidates) > 1 and len({row.values[name] for row in candidates}) == 1:
+            continue
         if candidates:
             pick = max if higher_is_better(name) else min
             best[name] = pick(candidates, key=lambda row: row.values[name])

@@ -20,8 +20,8 @@ from loralab.sweep.report.collect import SweepReportData, collect_sweep
 from loralab.sweep.report.grids import comparison_grids
 from loralab.sweep.report.html import Picture, comparison_page, summary_page
 from loralab.sweep.report.plots import PLOTS, plot_png
-from loralab.sweep.report.results import build_rows, write_results
 from loralab.sweep.report.tables import verdicts
+from loralab.sweep.results import RESULTS_CSV, RESULTS_JSON, write_results
 
 REPORT_DIR = "report"
 INDEX = "index.html"
@@ -36,8 +36,9 @@ class ReportError(LoralabError):
 def write_report(sweep_dir: Path, out_dir: Path | None = None) -> Path:
     """Write the HTML report of ``sweep_dir`` and return the path of its ``index.html``.
 
-    Also rewrites ``results.json`` / ``results.csv`` in the sweep folder with a column per score,
-    and copies them into the report. ``out_dir`` defaults to ``SWEEP_DIR/report``.
+    Also rebuilds ``results.json`` / ``results.csv`` in the sweep folder (with a column per score
+    as ``scores/`` holds them now) and copies them into the report. ``out_dir`` defaults to
+    ``SWEEP_DIR/report``.
 
     Raises SweepError when ``sweep_dir`` is not a sweep folder, ReportError when ``out_dir``
     exists and is neither empty nor an earlier report.
@@ -46,15 +47,15 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None) -> Path:
     out_dir = Path(out_dir) if out_dir is not None else sweep_dir / REPORT_DIR
     _check_replaceable(out_dir)
     data = collect_sweep(sweep_dir)
-    rows = build_rows(data)
-    write_results(sweep_dir, rows, data.score_names)
+    write_results(sweep_dir)
 
     staging = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / ASSETS).mkdir(parents=True)
     try:
         _render(data, staging)
-        write_results(staging, rows, data.score_names)
+        for name in (RESULTS_JSON, RESULTS_CSV):
+            shutil.copyfile(sweep_dir / name, staging / name)
         (staging / MARKER).write_text("written by loralab report\n", encoding="utf-8")
         _swap_in(staging, out_dir)
     finally:
@@ -114,6 +115,7 @@ def _check_replaceable(out_dir: Path) -> None:
 def _swap_in(staging: Path, out_dir: Path) -> None:
     """Rename the finished report into place; the old one goes only after the new one is there."""
     old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
+    shutil.rmtree(old, ignore_errors=True)  # left by an interrupted earlier swap
     if out_dir.exists():
         os.replace(out_dir, old)
     os.replace(staging, out_dir)

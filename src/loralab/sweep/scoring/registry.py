@@ -128,7 +128,8 @@ def build_scorers(settings: ScoringSettings) -> ScorerRegistry:
         registry.add(TRIGGER_LEAK, identity.trigger_leak)
     else:
         reason = (
-            "no face-identity model given (set face_model to an ArcFace .onnx file, or run loralab report --face-model)"
+            "no face-identity model given (set [scoring] face_model in the sweep file to an ArcFace .onnx file, "
+            "or run loralab report --face-model)"
         )
         for name in (LIKENESS, FACE_FOUND_RATE, TRIGGER_LEAK):
             registry.add_unavailable(name, reason)
@@ -137,7 +138,10 @@ def build_scorers(settings: ScoringSettings) -> ScorerRegistry:
         registry.add(PROMPT_ADHERENCE, clip.prompt_adherence)
         registry.add(DIVERSITY, clip.diversity)
     else:
-        reason = "no CLIP model given (set clip_model to a local CLIP model folder, or run loralab report --clip-model)"
+        reason = (
+            "no CLIP model given (set [scoring] clip_model in the sweep file to a local CLIP model folder, "
+            "or run loralab report --clip-model)"
+        )
         for name in (PROMPT_ADHERENCE, DIVERSITY):
             registry.add_unavailable(name, reason)
     return registry

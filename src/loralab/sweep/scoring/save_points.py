@@ -152,13 +152,21 @@ def score_sweep(sweep_dir: Path, scorers: ScorerRegistry) -> dict[tuple[str, str
     """Score every evaluated save point of the sweep (and the eval checkpoints without a LoRA).
 
     Returns ``{(run, save point): scores}``; for the checkpoints without a LoRA the key is
-    ``("baseline_models", checkpoint label)``.
+    ``("baseline_models", checkpoint label)``. A save point that cannot be scored (a malformed
+    index, images gone) does not stop the others; afterwards ScoringError names the first of them.
     """
     sweep_dir = Path(sweep_dir)
     results: dict[tuple[str, str], SavePointScores] = {}
+    failures: list[str] = []
     for index in sorted((sweep_dir / EVAL_DIR).glob(f"*/*/{INDEX_FILE}")):
         run, save_point = index.parent.parent.name, index.parent.name
-        results[(run, save_point)] = score_save_point(sweep_dir, run, save_point, scorers)
+        try:
+            results[(run, save_point)] = score_save_point(sweep_dir, run, save_point, scorers)
+        except ScoringError as exc:
+            failures.append(str(exc))
+    if failures:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise ScoringError(f"{failures[0]}{more}")
     return results
 
 
