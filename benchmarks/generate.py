@@ -125,7 +125,7 @@ def bench(size: str, folder: Path, reps: int, device: torch.device, dtype: torch
     engine = GenerationEngine(lora_dir=folder, device=device, dtype=dtype)
     request = ImageRequest(checkpoint, PROMPT, NEGATIVE, sampler=SAMPLER, steps=STEPS, cfg_scale=CFG, seed=1, width=side, height=side)
     load_time, _ = timed(lambda: engine.generate([request]), device)  # loads the model; warms up
-    components = engine._model.components  # the very modules the engine renders with
+    components = engine.components  # the very modules the engine renders with
     spec = resolve_sampler(SAMPLER)
     bare_pipeline = build_pipeline(components, build_scheduler(spec, components.noise_scheduler))
 

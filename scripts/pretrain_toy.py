@@ -80,7 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: fastest on a busy 2-core machine, and results depend on it)")
     parser.add_argument("--device", default="cpu",
-                        help="torch device; the shipped checkpoints are made on the CPU (other devices differ numerically)")
+                        help="torch device; the shipped checkpoints are made on the CPU (others differ numerically)")
     parser.add_argument("--minutes", type=float, default=30.0, help="wall-time cap for the whole run")
     parser.add_argument("--vae-steps", type=int, default=900)
     parser.add_argument("--vae-batch", type=int, default=8)
@@ -497,7 +497,8 @@ Architecture (see `loralab/toy/model.py`): {toy_model.RESOLUTION} px images, VAE
 {toy_model.VAE.block_out_channels} (x4 downsampling, {toy_model.LATENT_SIZE}x{toy_model.LATENT_SIZE}x4 latents),
 CLIP text encoder {toy_model.TEXT_ENCODER.hidden_size} wide x {toy_model.TEXT_ENCODER.num_hidden_layers} layers
 (full 49,408-token vocabulary), UNet {toy_model.UNET.block_out_channels} with cross-attention
-on the first two levels and the middle. Sample at {toy_model.RESOLUTION}x{toy_model.RESOLUTION}, 20+ steps, guidance about 5.
+on the first two levels and the middle. Sample at {toy_model.RESOLUTION}x{toy_model.RESOLUTION} px
+(pass the size: the UNet config's default would ask for 256 px), 20 or more steps, guidance about 5.
 
 | stage | steps | time | final loss |  |
 |---|---|---|---|---|

@@ -288,3 +288,20 @@ def test_cli_xyz_plot_with_a_prompt_file(files, tmp_path: Path, capsys) -> None:
     assert len(index["cells"]) == 6 and (tmp_path / "plot" / "grid.png").is_file()
     assert {c["parameters"]["negative_prompt"] for c in index["cells"]} == {"ugly"}
     assert "grid:" in capsys.readouterr().out
+
+
+def test_render_prompts_by_seeds_on_a_model_in_memory(files) -> None:
+    from loralab.network.lora import AdaptedLayer
+
+    components = load_checkpoint(files["a"])
+    engine = GenerationEngine(lora_dir=files["loras"], loader=CountingLoader(allow=False))
+    checkpoint = engine.use_components(components, "training")
+    images = engine.render(checkpoint, ["a dog", "a dog <lora:x:0.5>"], [1, 2], steps=2, width=64, height=64)
+    assert [(i.request.prompt, i.request.seed) for i in images] == [
+        ("a dog", 1), ("a dog", 2), ("a dog <lora:x:0.5>", 1), ("a dog <lora:x:0.5>", 2),
+    ]  # fmt: skip
+    assert images[2].parameters.lora_hashes.keys() == {"x"} and images[0].parameters.model == "training"
+    (from_file,) = GenerationEngine().render(files["a"], ["a dog"], [1], steps=2, width=64, height=64)
+    assert np.array_equal(_pixels(images[0]), _pixels(from_file))
+    engine.close()
+    assert not any(isinstance(m, AdaptedLayer) for m in components.unet.modules())  # LoRA taken out again

@@ -196,7 +196,12 @@ def effective_optimizer_args(config) -> dict:
 
 
 def training_values(config, *, without: tuple[str, ...] = ()) -> dict:
+    """The settings that decide what a run trains. A 0 where the setting is unset by default means
+    off, as unset does ("0/unset: off"; later kohya_ss GUI versions write v_pred_like_loss = 0)."""
     values = {key: value for key, value in config.model_dump().items() if key not in PATH_KEYS and key not in without}
+    for key, value in values.items():
+        if value == 0 and not isinstance(value, bool) and type(config).model_fields[key].default is None:
+            values[key] = None
     values["optimizer_args"] = effective_optimizer_args(config)
     return values
 
@@ -246,21 +251,45 @@ def test_guide_variants_equal_the_guide_runs(path, seed_configs):
         return
 
     topic = SEED_TOPIC.get(spec.title, spec.title)
-    candidates = [(seed, config) for seed, config in seed_configs if seed["topic"] == topic]
-    matched_seed_runs = set()
-    for run in runs:
+    assert matched_seed_runs(expansion, [(seed, c) for seed, c in seed_configs if seed["topic"] == topic])
+
+
+def matched_seed_runs(expansion, candidates) -> set[str]:
+    """The seed runs the expansion's runs equal; fails on a run that equals none of them.
+
+    A seed repeat of the baseline equals the guide's second baseline run but for its seed (the
+    guide repeated its baseline with the same seed; loralab's runs are deterministic, so the
+    repeat takes the next seed to show the noise floor).
+    """
+    matched = set()
+    for run in expansion.runs:
         repeat = run.seed_repeat is not None and run.seed_repeat > 1
         if repeat:
             assert run.config.seed == expansion.baseline.seed + run.seed_repeat - 1
         without = ("seed",) if repeat else ()
         ours = training_values(run.config, without=without)
         matches = [seed for seed, config in candidates if training_values(config, without=without) == ours]
-        assert matches, f"{spec.title}: run {run.name} matches none of the guide's runs"
+        assert matches, f"{expansion.spec.title}: run {run.name} matches none of the guide's runs"
         for seed in matches:
             check_dataset(run, seed)
-            matched_seed_runs.add(seed["run"])
-    if spec.title not in SEED_TOPIC:  # every run of the guide's comparison is in the sweep
-        assert matched_seed_runs == {seed["run"] for seed, _ in candidates}
+            matched.add(seed["run"])
+    return matched
+
+
+def test_every_guide_run_is_in_a_guide_sweep(seed_configs):
+    """Together, the sweep files hold every run of every comparison of the seed data."""
+    matched: dict[str, set[str]] = {}
+    for path in GUIDE_FILES:
+        expansion = expand_sweep(read_sweep(path))
+        if expansion.spec.title in NOT_IN_SEED:
+            continue
+        topic = SEED_TOPIC.get(expansion.spec.title, expansion.spec.title)
+        candidates = [(seed, c) for seed, c in seed_configs if seed["topic"] == topic]
+        matched.setdefault(topic, set()).update(matched_seed_runs(expansion, candidates))
+    expected: dict[str, set[str]] = {}
+    for seed in seed_runs():
+        expected.setdefault(seed["topic"], set()).add(seed["run"])
+    assert matched == expected
 
 
 def check_dataset(run, seed) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-# Exit status of a sweep stopped by Ctrl-C (as the shell reports SIGINT).
+# Exit status of a sweep stopped by Ctrl-C (as the shell reports SIGINT), and of one where some
+# runs failed (the others completed; the report says why each failed).
 INTERRUPTED = 130
+RUNS_FAILED = 1
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="runs at once (ray backend; one GPU each where the cluster has GPUs)",
     )  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="print the plan and check every variant; train nothing")
+    parser.epilog = "exit status: 0 all runs complete, 1 some runs failed (see results.json), 130 interrupted"
     parser.set_defaults(func=run)
 
 
@@ -51,4 +54,6 @@ def run(args: argparse.Namespace) -> int:
         dry_run=args.dry_run, progress=progress_mode(),
     )  # fmt: skip
     summary = run_sweep(options, printer=lambda line: print(line, flush=True))
-    return INTERRUPTED if summary.interrupted else 0
+    if summary.interrupted:
+        return INTERRUPTED
+    return RUNS_FAILED if summary.count("failed") else 0

@@ -217,16 +217,17 @@ def _load_single_file(
         info = _single_file_info(checkpoint, v_parameterization)
         if info.vae_config is None and need_vae:
             raise CheckpointError(f"{path} has no VAE weights ({LDM_VAE_PREFIX}*); pass a VAE with --vae")
-        # Each component: read only its tensors, rename them (diffusers' converters), assign.
+        # Each component: read only its tensors, each cast to ``dtype`` as it arrives (so no
+        # component is ever held in two precisions), rename them (diffusers' converters), assign.
         unet = build_empty_model("unet", info.unet_config)
-        converted = unet_ldm_to_diffusers(checkpoint.read_prefixed(LDM_UNET_PREFIX), info.unet_config)
+        converted = unet_ldm_to_diffusers(checkpoint.read_prefixed(LDM_UNET_PREFIX, dtype), info.unet_config)
         _fill(unet, converted, dtype, "UNet", path)
         vae = None
         if info.vae_config is not None and need_vae:
             vae = build_empty_model("vae", info.vae_config)
             _fill(
                 vae,
-                vae_ldm_to_diffusers(checkpoint.read_prefixed(LDM_VAE_PREFIX), info.vae_config),
+                vae_ldm_to_diffusers(checkpoint.read_prefixed(LDM_VAE_PREFIX, dtype), info.vae_config),
                 dtype,
                 "VAE",
                 path,
@@ -234,7 +235,7 @@ def _load_single_file(
         text_encoders = []
         for encoder, config in zip(info.family.spec.text_encoders, info.text_encoder_configs):
             model = build_empty_model("text_encoder", config, encoder)
-            state = text_encoder_ldm_to_diffusers(checkpoint.read_prefixed(encoder.ldm_prefix), encoder)
+            state = text_encoder_ldm_to_diffusers(checkpoint.read_prefixed(encoder.ldm_prefix, dtype), encoder)
             _fill(model, state, dtype, f"text encoder ({encoder.ldm_prefix}*)", path)
             text_encoders.append(model)
     return info, unet, vae, text_encoders
@@ -363,7 +364,7 @@ def load_vae(
         meta = checkpoint.meta_state_dict()
         config = vae_config(family, infer_vae_sizes({k[len(prefix) :]: meta[k] for k in vae_keys}))
         vae = build_empty_model("vae", config)
-        _fill(vae, vae_ldm_to_diffusers(checkpoint.read(vae_keys), config), dtype, "VAE", path)
+        _fill(vae, vae_ldm_to_diffusers(checkpoint.read(vae_keys, dtype), config), dtype, "VAE", path)
     return vae.to(device)
 
 

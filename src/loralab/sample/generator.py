@@ -119,7 +119,7 @@ class PreparedRequest:
 
     @property
     def model_key(self) -> tuple[Path, Path | None]:
-        return (self.request.checkpoint, self.request.vae)
+        return (_absolute(self.request.checkpoint), _absolute(self.request.vae) if self.request.vae else None)
 
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can share one pipeline call."""
@@ -216,9 +216,52 @@ class GenerationEngine:
     # --- checking --------------------------------------------------------------------------------
 
     def _family(self, checkpoint: Path) -> ModelFamily:
-        if checkpoint not in self._families:
-            self._families[checkpoint] = inspect_checkpoint(checkpoint).family
-        return self._families[checkpoint]
+        key = _absolute(checkpoint)
+        if key not in self._families:
+            self._families[key] = inspect_checkpoint(checkpoint).family
+        return self._families[key]
+
+    @property
+    def components(self) -> StableDiffusionComponents | None:
+        """The model in memory (None before the first image), e.g. to compare against another pipeline."""
+        return self._model.components if self._model is not None else None
+
+    def use_components(self, components: StableDiffusionComponents, name: str = "in-memory") -> Path:
+        """Render on ``components`` already in memory (a model being trained, say) instead of loading.
+
+        Returns the checkpoint path to put in requests for them. LoRAs the requests name are applied
+        next to whatever the components carry and removed again by :meth:`close`, which leaves the
+        components themselves as they were.
+        """
+        self.close()
+        key = _absolute(Path(name))
+        self._families[key] = components.family
+        scheduler = build_scheduler(resolve_sampler("Euler"), components.noise_scheduler)
+        self._model = _LoadedModel((key, None), components, build_pipeline(components, scheduler))
+        return key
+
+    def render(
+        self,
+        checkpoint: Path | str,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        loras: Sequence[LoraRef] = (),
+        batch_size: int = 1,
+        **settings: Any,
+    ) -> list[GeneratedImage]:
+        """Every prompt with every seed on ``checkpoint`` with ``loras`` (prompt-major order).
+
+        ``settings`` are the other :class:`ImageRequest` fields (``negative_prompt``, ``sampler``,
+        ``steps``, ``cfg_scale``, ``width``, ``height``, ``clip_skip``, ``vae``). Each result carries
+        its request and A1111 parameters. Raises what :meth:`prepare` raises.
+        """
+        requests = [
+            ImageRequest(Path(checkpoint), prompt, loras=tuple(loras), seed=seed, **settings)
+            for prompt in prompts
+            for seed in seeds
+        ]
+        return self.generate(requests, batch_size=batch_size)
 
     def _option_lora(self, ref: LoraRef) -> LoraChoice:
         path = self.loras.resolve(ref.name)
@@ -232,6 +275,8 @@ class GenerationEngine:
         prepared = []
         for request in requests:
             check_settings(request)
+            if request.vae is not None and not request.vae.exists():
+                raise GenerationError(f"VAE not found: {request.vae}")
             sampler = resolve_sampler(request.sampler)
             family = self._family(request.checkpoint)
             text, tags = extract_lora_tags(request.prompt)
@@ -414,6 +459,11 @@ class GenerationEngine:
             emphasis=self.emphasis if self.emphasis != "Original" and uses_brackets else None,
             version=f"loralab {__version__}",
         )
+
+
+def _absolute(path: Path) -> Path:
+    """One key per file however it is written (relative, with ``~``)."""
+    return path.expanduser().absolute()
 
 
 def _model_name(checkpoint: Path) -> str:

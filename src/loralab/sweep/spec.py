@@ -146,8 +146,10 @@ class EvaluationSpec(_Strict):
     steps: int = Field(20, ge=1, le=500, description="Sampling steps.")
     cfg: float = Field(7.0, gt=0, description="CFG scale where a checkpoint sets none.")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="Seeds; every prompt is drawn with each.")
-    width: int | None = Field(None, ge=64, description="Image width (default: the run's training width).")
-    height: int | None = Field(None, ge=64, description="Image height (default: the run's training height).")
+    width: int | None = Field(None, ge=8, multiple_of=8, description="Image width (default: the run's training width).")
+    height: int | None = Field(
+        None, ge=8, multiple_of=8, description="Image height (default: the run's training height)."
+    )
     clip_skip: int | None = Field(None, ge=1, le=12, description="Clip skip when rendering (default: the run's).")
     save_points: Literal["all", "final"] | list[str] = Field(
         "all", description="'all', 'final', or labels such as ['e000010', 'final']."
