@@ -13,8 +13,9 @@ It prints the median time per image of each, images per second, and their ratio 
 bare <= 1.05), and whether both made the same pixels (they should: a plain prompt encodes to the
 same embeddings). One more timing applies a LoRA at 0.8 through the engine, for information.
 
-Sizes: ``tiny`` (the test model, 64 px), ``medium`` (SD1.5 layout at about a quarter of its width,
-256 px), ``full`` (published SD1.5 sizes, 512 px, fp16 on a GPU: meant for a GPU run).
+Sizes: ``tiny`` (the test model, 64 px), ``medium`` (SD1.5's layout at about a quarter of its width,
+an 80M-parameter UNet, 128 px), ``full`` (published SD1.5 sizes, 512 px, fp16 on a GPU: meant for a
+GPU run).
 
     python benchmarks/generate.py [--sizes tiny,medium] [--reps 5] [--device cpu|cuda] [--threads N]
 """
@@ -59,11 +60,11 @@ SAMPLER = "Euler a"
 PROMPT = "a photo of a woman on a beach at sunset, detailed, sharp focus"
 NEGATIVE = "blurry, lowres"
 TARGET_RATIO = 1.05
-SIDES = {"tiny": 64, "medium": 256, "full": 512}
+SIDES = {"tiny": 64, "medium": 128, "full": 512}
 
 
 def write_medium(out: Path) -> Path:
-    """SD1.5's layout at about a quarter of its width (~120M parameters in all), random, single file."""
+    """SD1.5's layout at about a quarter of its width (80M-parameter UNet, ~130M in all), random, single file."""
     family = ModelFamily.SD1
     unet = UNetSizes(
         in_channels=4, out_channels=4, block_out_channels=(96, 192, 384, 384), layers_per_block=2,

@@ -108,3 +108,21 @@ def test_half_precision_file_read_into_float32_peaks_near_the_result(tmp_path):
     # The result plus one tensor's scratch and allocator slack; the old path (memory-mapped
     # reads, cast after) peaked at the result plus the whole file (~+50%).
     assert growth <= numbers["kept"] * 1.15, (growth / 2**20, numbers["kept"] / 2**20)
+
+
+def test_memory_only_text_cache_does_not_hash_the_encoders(monkeypatch):
+    """Without a cache folder the key identifies the live encoders, so building the cache reads
+    no weights; different encoders still get different keys, the same ones the same key."""
+    from loralab.data import text_cache
+    from loralab.models.tiny import build_tiny_components
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a memory-only text cache hashed the encoder weights")
+
+    monkeypatch.setattr(text_cache, "weights_identity", refuse)
+    monkeypatch.setattr(text_cache, "tokenizer_identity", refuse)
+    first, second = build_tiny_components("sd15", seed=0), build_tiny_components("sd15", seed=0)
+    cache = text_cache.TextEncoderCache.from_components(first)
+    assert cache.key_for("blh") == text_cache.TextEncoderCache.from_components(first).key_for("blh")
+    assert cache.key_for("blh") != text_cache.TextEncoderCache.from_components(second).key_for("blh")
+    assert cache.encode(["blh"]).encoder_hidden_states.shape[0] == 1

@@ -15,7 +15,7 @@ from loralab import __version__
 from loralab.errors import LoralabError
 
 # Sub-command modules, in the order ``loralab --help`` lists them.
-COMMAND_MODULES = ("plan", "prepare", "cache", "train", "generate", "config_cmd", "lora_cmd", "debug", "sweep", "report")
+COMMAND_MODULES = ("plan", "prepare", "cache", "train", "generate", "config_cmd", "lora_cmd", "debug", "sweep", "report", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,7 +39,7 @@ for bucket settings.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,10 @@ class Batch:
     images: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1] when latents are not cached
     latents: torch.Tensor | None = None  # (B, C, H/8, W/8), scaled, when they are
     latent_sampling: LatentSampling = "sample"
+    # Set by TrainingDataset.batch: the samples' positions in the whole batch (a process may
+    # load only its slice of it) and the whole batch's size.
+    positions: tuple[int, ...] = ()
+    full_size: int = 0
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -217,12 +221,16 @@ class TrainingDataset:
 
     # --- batches ------------------------------------------------------------------------------
 
-    def batch(self, epoch: int, index: int) -> Batch:
-        """Batch ``index`` (from 0) of ``epoch`` (from 1)."""
-        members = self.epoch_order(epoch)[index]
+    def batch(self, epoch: int, index: int, positions: Sequence[int] | None = None) -> Batch:
+        """Batch ``index`` (from 0) of ``epoch`` (from 1); with ``positions``, only the samples at
+        those positions of it (a process's slice: each sample is loaded, augmented and drawn
+        exactly as in the whole batch). A slice may be empty (no images or latents then)."""
+        whole = self.epoch_order(epoch)[index]
+        chosen = tuple(range(len(whole))) if positions is None else tuple(positions)
+        members = [whole[position] for position in chosen]
         seed, options = self.options.seed, self.options
         captions, flips, sizes, latent_seeds, pixels, keys = [], [], [], [], [], []
-        for position, sample_index in enumerate(members):
+        for position, sample_index in zip(chosen, members):
             sample = self.samples[sample_index]
             caption_rng = sample_rng(seed, epoch, index, position, SampleStream.CAPTION)
             captions.append(process_caption(sample.image.caption, options.captions, epoch, caption_rng))
@@ -250,7 +258,11 @@ class TrainingDataset:
             latent_seeds=tuple(latent_seeds),
             paths=tuple(self.samples[i].image.path for i in members),
             latent_sampling=options.latent_sampling,
+            positions=chosen,
+            full_size=len(whole),
         )
+        if not members:
+            return batch
         if self.latent_cache is not None:
             batch.latents = self.latent_cache.draw(keys, seeds=latent_seeds, mode=options.latent_sampling)
         else:
@@ -272,9 +284,16 @@ class TrainingDataset:
         for index in range(start, len(self.epoch_order(epoch))):
             yield self.batch(epoch, index)
 
-    def loader(self, epoch: int, start: int = 0, *, num_workers: int = 0) -> DataLoader:
-        """A DataLoader over :meth:`iter_epoch`'s batches, built in ``num_workers`` processes."""
-        return DataLoader(EpochBatches(self, epoch, start), batch_size=None, shuffle=False, num_workers=num_workers)
+    def loader(
+        self, epoch: int, start: int = 0, *, num_workers: int = 0, part: tuple[int, int] | None = None
+    ) -> DataLoader:
+        """A DataLoader over :meth:`iter_epoch`'s batches, built in ``num_workers`` processes.
+
+        ``part=(rank, per_process)``: each batch holds only the ``per_process`` samples from
+        position ``rank * per_process`` on (fewer, or none, in a bucket's short last batch).
+        """
+        batches = EpochBatches(self, epoch, start, part)
+        return DataLoader(batches, batch_size=None, shuffle=False, num_workers=num_workers)
 
     # --- latent cache -------------------------------------------------------------------------
 
@@ -313,15 +332,22 @@ class TrainingDataset:
 class EpochBatches(TorchDataset):
     """One epoch's batches from ``start`` on, as a map-style dataset (batch ``i`` = ``start + i``)."""
 
-    def __init__(self, dataset: TrainingDataset, epoch: int, start: int = 0) -> None:
+    def __init__(
+        self, dataset: TrainingDataset, epoch: int, start: int = 0, part: tuple[int, int] | None = None
+    ) -> None:
         total = len(dataset.epoch_order(epoch))
         if not 0 <= start <= total:
             raise ValueError(f"cannot start epoch {epoch} at batch {start}: it has {total} batches")
-        self.dataset, self.epoch, self.start, self.total = dataset, epoch, start, total
+        self.dataset, self.epoch, self.start, self.total, self.part = dataset, epoch, start, total, part
 
     def __len__(self) -> int:
         return self.total - self.start
 
     def __getitem__(self, index: int) -> Batch:
-        return self.dataset.batch(self.epoch, self.start + index)
+        if self.part is None:
+            return self.dataset.batch(self.epoch, self.start + index)
+        rank, per_process = self.part
+        size = len(self.dataset.epoch_order(self.epoch)[self.start + index])
+        positions = range(rank * per_process, min((rank + 1) * per_process, size))
+        return self.dataset.batch(self.epoch, self.start + index, positions)
 

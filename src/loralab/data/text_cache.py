@@ -9,6 +9,8 @@ encoder is 700M parameters).
 of its weights, memoised by the file it was loaded from as for the VAE, see
 :func:`~loralab.data.latent_cache.weights_identity`) and tokenizer (its full serialised
 vocabulary, merges and special tokens), the effective ``clip_skip`` and ``max_token_length``.
+A cache without a ``root`` (memory only) identifies its encoders and tokenizers by the live
+objects instead: its keys never leave the process, and hashing the weights would cost seconds.
 The output is what :func:`~loralab.train.conditioning.encode_text` returns for that caption, so
 a hit equals encoding it again.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,16 @@ def tokenizer_identity(tokenizer: Any) -> str:
     return hasher.hexdigest()
 
 
+def _in_process_identities(objects: Sequence[Any]) -> list[str]:
+    """Identities valid while ``objects`` are alive: their ``id``s plus this process's id.
+
+    A cache without a ``root`` keeps entries only in its own memory and holds its encoders and
+    tokenizers, so their ids cannot be reused while its keys are in use; hashing the encoders'
+    weights (hundreds of MB) for such a cache would only cost start-up time.
+    """
+    return [f"process {os.getpid()} object {id(item)}" for item in objects]
+
+
 class TextEncoderCache:
     """Encodes captions with frozen text encoders, each distinct caption once.
 
@@ -86,16 +99,21 @@ class TextEncoderCache:
         self.clip_skip = effective_clip_skip(family, clip_skip)
         self.max_token_length = normalize_max_token_length(max_token_length)
         self.root = Path(root) if root is not None else None
-        encoder_ids = [
-            weights_identity(encoder, self.root, source=source, component=f"text_encoder_{index}")
-            for index, encoder in enumerate(self.text_encoders)
-        ]
+        if self.root is None:
+            encoder_ids = _in_process_identities(self.text_encoders)
+            tokenizer_ids = _in_process_identities(self.tokenizers)
+        else:
+            encoder_ids = [
+                weights_identity(encoder, self.root, source=source, component=f"text_encoder_{index}")
+                for index, encoder in enumerate(self.text_encoders)
+            ]
+            tokenizer_ids = [tokenizer_identity(t) for t in self.tokenizers]
         self.identity = sha256_json(
             {
                 "format": CACHE_FORMAT_VERSION,
                 "family": family.value,
                 "encoders": encoder_ids,
-                "tokenizers": [tokenizer_identity(t) for t in self.tokenizers],
+                "tokenizers": tokenizer_ids,
                 "clip_skip": self.clip_skip,
                 "max_token_length": self.max_token_length,
             }

@@ -4,23 +4,23 @@ Pickle files can run arbitrary code when loaded, so they are read only with
 ``torch.load(weights_only=True)``; one that needs anything more is refused. Every failure
 (missing, truncated, corrupt, unsafe) becomes a one-line ``CheckpointError``.
 
-Safetensors data is read with plain positioned reads into fresh tensors, one tensor at a time,
+Safetensors data is read with plain file reads into fresh tensors, one tensor at a time,
 and can be cast to the caller's dtype as it arrives. safetensors' own ``get_tensor`` copies out
 of a memory map whose touched pages stay counted in the process's resident memory until the
 file is closed, so loading a 2 GB checkpoint through it costs 2 GB of peak RSS on top of the
-weights; positioned reads go through the page cache, which does not count.
+weights; plain reads go through the page cache, which does not count.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -78,7 +78,7 @@ class CheckpointFile:
         self._stack = ExitStack()
         self._safetensors = None
         self._tensors: dict[str, torch.Tensor] = {}
-        self._handle: int | None = None  # file descriptor for positioned reads of safetensors data
+        self._handle: BinaryIO | None = None  # unbuffered file for reading safetensors data
         self._locations: dict[str, tuple[torch.dtype, list[int], int, int]] = {}  # dtype, shape, start, end
         self._scratch = torch.empty(0, dtype=torch.uint8)  # stored bytes of a tensor being cast
         if not self.path.exists():
@@ -106,11 +106,10 @@ class CheckpointFile:
             raise CheckpointError(f"cannot read {self.path}: {exc.strerror or exc}") from None
         # safe_open has validated the header (offsets inside the file, no overlaps); read it
         # again for the byte ranges, which safe_open does not expose.
-        handle = os.open(self.path, os.O_RDONLY)
-        self._stack.callback(os.close, handle)
+        handle = self._stack.enter_context(self.path.open("rb", buffering=0))
         self._handle = handle
-        header_size = int.from_bytes(os.pread(handle, 8, 0), "little")
-        header = json.loads(os.pread(handle, header_size, 8))
+        header_size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_size))
         for key, entry in header.items():
             dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype", "")) if key != "__metadata__" else None
             if dtype is not None:  # other dtypes (e.g. float8) are left to safetensors' reader
@@ -182,15 +181,16 @@ class CheckpointFile:
 
     def _read_bytes(self, key: str, into: torch.Tensor, start: int, end: int) -> None:
         assert self._handle is not None
-        buffer, done = into.numpy(), 0
+        buffer, done = memoryview(into.numpy()), 0
+        self._handle.seek(start)
         while done < end - start:  # one call reads at most ~2 GiB on Linux
-            count = os.preadv(self._handle, [buffer[done:]], start + done)
-            if count <= 0:
+            count = self._handle.readinto(buffer[done:])
+            if not count:
                 raise CheckpointError(f"{self.path} is truncated (tensor {key} is cut short); download it again")
             done += count
 
     def _read_fallback(self, key: str) -> torch.Tensor:
-        """Pickled tensors, and safetensors dtypes the positioned reader does not know."""
+        """Pickled tensors, and safetensors dtypes the plain reader does not know."""
         if self._safetensors is None:
             return self._tensors[key]
         try:

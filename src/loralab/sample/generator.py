@@ -315,7 +315,10 @@ class GenerationEngine:
         if batch_size < 1:
             raise GenerationError(f"batch size {batch_size} must be 1 or more")
         prepared = self.prepare(requests)
-        for group in _grouped_by_model(prepared):
+        groups = _grouped_by_model(prepared)
+        if self._model is not None:  # the model already in memory goes first: one load fewer
+            groups.sort(key=lambda group: prepared[group[0]].model_key != self._model.key)  # type: ignore[union-attr]
+        for group in groups:
             for batch in _batches(group, prepared, batch_size):
                 images = self._render([prepared[i] for i in batch])
                 yield from zip(batch, images)

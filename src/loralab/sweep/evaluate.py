@@ -22,7 +22,8 @@ import json
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ class EvalSettings:
     trigger: str | None
     trigger_modes: tuple[bool, ...]
     base_images: bool
+    cpu_threads: int | None = None  # torch threads when rendering on a CPU (the baseline's setting)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -79,10 +81,13 @@ class EvalSettings:
         return len(self.checkpoints) * prompts * len(self.seeds) * len(self.lora_weights) * len(self.trigger_modes)
 
 
-def resolve_evaluation(spec: SweepSpec, base_checkpoint: str | None) -> EvalSettings | None:
+def resolve_evaluation(
+    spec: SweepSpec, base_checkpoint: str | None, *, cpu_threads: int | None = None
+) -> EvalSettings | None:
     """``spec``'s evaluation block, resolved; None when the sweep has none.
 
     Without checkpoints the runs are rendered on ``base_checkpoint`` (label ``base``).
+    ``cpu_threads``: torch threads for rendering on a CPU (the baseline's ``num_cpu_threads_per_process``).
     Raises SweepError for a missing wildcard file or a template that cannot be expanded.
     """
     evaluation = spec.evaluation
@@ -100,6 +105,7 @@ def resolve_evaluation(spec: SweepSpec, base_checkpoint: str | None) -> EvalSett
         height=evaluation.height, clip_skip=evaluation.clip_skip, save_points=save_points,
         lora_weights=tuple(evaluation.lora_weights), trigger=evaluation.trigger,
         trigger_modes=tuple(evaluation.trigger_modes()), base_images=evaluation.base_images,
+        cpu_threads=cpu_threads,
     )  # fmt: skip
 
 
@@ -265,16 +271,44 @@ def evaluate_checkpoint(
     A target whose rendering fails (a LoRA of another model family, a bad setting) is recorded in
     the counts and skipped; the others go on. ``on_target(target, rendered)`` reports progress.
     """
-    from loralab.errors import LoralabError
-    from loralab.sample.generator import GenerationEngine, ImageRequest, LoraRef
-
     checkpoint = next(c for c in settings.checkpoints if c.label == checkpoint_label)
     models = models or EvalModelCache()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     counts = RenderCounts()
+    with _cpu_threads(settings.cpu_threads if device == "cpu" else None):
+        _render_targets(settings, checkpoint, targets, models, device, dtype, batch_size, counts, on_target)
+    return counts
+
+
+@contextmanager
+def _cpu_threads(count: int | None) -> Iterator[None]:
+    """Render with ``count`` torch threads (as training does), then restore the caller's count.
+
+    Too many threads on a shared CPU make small models many times slower (threads wait for each
+    other), so rendering follows the thread count the user chose for training.
+    """
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _render_targets(
+    settings: EvalSettings, checkpoint: EvalCheckpointSettings, targets: Sequence[RenderTarget], models: EvalModelCache,
+    device: str, dtype: torch.dtype, batch_size: int, counts: RenderCounts,
+    on_target: Callable[[RenderTarget, int], None] | None,
+) -> None:  # fmt: skip
+    from loralab.errors import LoralabError
+    from loralab.sample.generator import GenerationEngine, ImageRequest, LoraRef
+
     for target in targets:
-        if checkpoint_label not in target.checkpoints:
+        if checkpoint.label not in target.checkpoints:
             continue
         wanted = items_for(settings, target, checkpoint)
         missing = [item for item in wanted if not (target.folder / item.image).is_file()]
@@ -302,7 +336,6 @@ def evaluate_checkpoint(
             engine.close()
         if on_target is not None:
             on_target(target, len(missing))
-    return counts
 
 
 def write_index(settings: EvalSettings, target: RenderTarget) -> bool:

@@ -113,7 +113,10 @@ def run_sweep(options: SweepOptions, printer: Printer = print) -> SweepSummary:
     spec = read_sweep(options.file)
     expansion = expand_sweep(spec)
     sweep_dir = Path(options.out) if options.out is not None else default_sweep_dir(options.file)
-    settings = resolve_evaluation(spec, expansion.baseline.pretrained_model_name_or_path)
+    baseline = expansion.baseline
+    settings = resolve_evaluation(
+        spec, baseline.pretrained_model_name_or_path, cpu_threads=baseline.num_cpu_threads_per_process
+    )
     _refuse_changed_runs(expansion, sweep_dir)
     plans = _training_order(plan_runs(expansion, sweep_dir))
     step_time = recorded_step_time(sweep_dir, plans)

@@ -187,7 +187,14 @@ def sample_subject_scene(rng: np.random.Generator) -> Scene:
 
 
 def _random_rgb(rng: np.random.Generator) -> RGB:
-    r, g, b = (int(v) for v in rng.integers(0, 256, size=3))
+    """Any colour: half uniform in the RGB cube, half vivid (a random hue at high saturation and
+    value), because uniform RGB rarely lands near the cube's saturated corners."""
+    if rng.random() < 0.5:
+        r, g, b = (int(v) for v in rng.integers(0, 256, size=3))
+        return (r, g, b)
+    hue, saturation, value = rng.uniform(0, 1), rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)
+    channels = np.clip(np.abs((hue * 6 + np.array([0.0, 4.0, 2.0])) % 6 - 3) - 1, 0, 1)  # HSV -> RGB
+    r, g, b = (int(round(255 * value * (1 - saturation + saturation * c))) for c in channels)
     return (r, g, b)
 
 

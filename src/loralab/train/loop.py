@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loralab.data.dataset import Batch, TrainingDataset
+from loralab.data.dataset import TrainingDataset
 from loralab.data.latent_cache import latents_from_images
 from loralab.data.text_cache import TextEncoderCache
 from loralab.models.family import ModelFamily
@@ -159,8 +159,10 @@ def train_loop(s: TrainingSession) -> LoopOutcome:
         # The dataset counts epochs from 1 (as kohya logs them); its order is a function of (seed, epoch).
         # A DataLoader draws its workers' base seed from the global RNG; shielding that draw keeps
         # the LoRA dropout stream the same whether an epoch starts fresh or mid-way on resume.
+        # With N processes each loads only its slice of the step's global batch.
+        part = (acc.process_index, config.train_batch_size) if acc.num_processes > 1 else None
         with torch.random.fork_rng(devices=[]):
-            batches = iter(s.dataset.loader(epoch + 1, consumed, num_workers=s.data_workers))
+            batches = iter(s.dataset.loader(epoch + 1, consumed, num_workers=s.data_workers, part=part))
         while global_step < plan.max_train_steps:
             window = list(islice(batches, accumulation))
             if not window:
@@ -170,11 +172,10 @@ def train_loop(s: TrainingSession) -> LoopOutcome:
             # Per batch of the window: this process's summed weighted loss; last: non-finite count.
             stats = torch.zeros(len(window) + 1, dtype=torch.float64)
             sample_offset = 0
-            for micro, global_batch in enumerate(window):
-                batch, positions = _local_part(global_batch, acc.process_index, acc.num_processes, config.train_batch_size)
-                sample_indices = [sample_offset + p for p in positions]
-                sample_offset += len(global_batch)
-                if batch is None:
+            for micro, batch in enumerate(window):
+                sample_indices = [sample_offset + p for p in batch.positions]
+                sample_offset += batch.full_size
+                if len(batch) == 0:
                     continue  # a short last batch of a bucket left this process nothing
 
                 # 1. Latents: cached posterior draws, or the VAE now (same seeded draw as the cache).
@@ -217,12 +218,12 @@ def train_loop(s: TrainingSession) -> LoopOutcome:
 
                 # 8. Backward: this process's share of the global batch mean, averaged over the
                 #    accumulated batches (accelerate's convention, as sd-scripts).
-                share = loss_sum / (len(global_batch) * accumulation)
+                share = loss_sum / (batch.full_size * accumulation)
                 (s.grad_scaler.scale(share) if s.grad_scaler is not None else share).backward()
 
             # 9. Agree across processes on the losses (for logging) and on non-finite batches.
             totals = _sum_over_processes(acc, stats)
-            batch_losses = [float(totals[i]) / len(window[i]) for i in range(len(window))]
+            batch_losses = [float(totals[i]) / window[i].full_size for i in range(len(window))]
             skipped = bool(totals[-1] > 0)
             if skipped and s.on_non_finite == "stop":
                 last = str(s.last_good_lora) if s.last_good_lora else None
@@ -350,22 +351,6 @@ def _token_ids(s: TrainingSession, encoder_index: int, caption: str) -> torch.Te
         if len(s.token_ids) < _TOKEN_MEMO_SIZE:  # shuffled or dropped captions could grow it without bound
             s.token_ids[key] = ids
     return ids
-
-
-def _local_part(batch: Batch, rank: int, world: int, per_process: int) -> tuple[Batch | None, list[int]]:
-    """This process's slice of a global batch (``per_process`` samples at ``rank * per_process``)
-    and the slice's positions in the global batch. One process gets the whole batch."""
-    if world == 1:
-        return batch, list(range(len(batch)))
-    start, stop = rank * per_process, min((rank + 1) * per_process, len(batch))
-    if start >= stop:
-        return None, []
-    sliced = {}
-    for item in fields(batch):
-        value = getattr(batch, item.name)
-        if isinstance(value, torch.Tensor | list | tuple):
-            sliced[item.name] = value[start:stop]
-    return replace(batch, **sliced), list(range(start, stop))
 
 
 def _sum_gradients_over_processes(acc: Any, params: list[torch.nn.Parameter]) -> None:
