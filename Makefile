@@ -14,8 +14,7 @@ $(BIN)/loralab: pyproject.toml
 	touch $(BIN)/loralab
 
 demo: $(BIN)/loralab
-	HF_HUB_OFFLINE=1 $(BIN)/python examples/make_example_dataset.py examples/build/dataset
-	HF_HUB_OFFLINE=1 $(BIN)/loralab plan examples/person_sd15.json --train-data examples/build/dataset/img
+	HF_HUB_OFFLINE=1 $(BIN)/loralab demo --out demo-output
 
 # The report's browser test drives Debian's Chromium. Installed when missing and possible (root with
 # apt-get, as in CI); elsewhere that one test is skipped with its reason.

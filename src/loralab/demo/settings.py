@@ -23,6 +23,10 @@ GUIDE_OPTIMIZER_ARGS: dict[str, Any] = {
     "betas": (0.9, 0.99),
     "use_bias_correction": True,
     "growth_rate": 1.02,
+    # D-Adaptation starts its step size d at 1e-6 and, at growth rate 1.02, can only double it
+    # every ~35 steps: fine over the guide's thousands of steps, nothing over the toy's dozens.
+    # Starting d where a long run's d ends keeps the guide's growth rule and lets the toy learn.
+    "d0": 1e-2,
 }
 # The toy text encoder has 3 layers and was pretrained on its last one: clip skip 1. (The guide's
 # 2 suits checkpoints trained on the penultimate layer of a 12-layer encoder.)
@@ -82,7 +86,7 @@ def baseline_config(dataset_img_dir: Path, size: DemoSize) -> TrainConfig:
         clip_skip=TOY_CLIP_SKIP,
         cache_latents=True,
         max_data_loader_n_workers=0,
-        num_cpu_threads_per_process=2,
+        num_cpu_threads_per_process=1,
         seed=42,
     )
 

@@ -41,13 +41,13 @@ RESOLUTION = 32  # the toy world's image size, in pixels
 TEXT_ENCODER = TextEncoderSizes(
     hidden_size=64, num_hidden_layers=3, intermediate_size=256, vocab_size=49408, max_position_embeddings=77
 )
-VAE = VaeSizes(in_channels=3, out_channels=3, block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4)
+VAE = VaeSizes(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1, latent_channels=4)
 UNET = UNetSizes(
     in_channels=4,
     out_channels=4,
-    block_out_channels=(64, 64, 128),
+    block_out_channels=(32, 64, 128),
     layers_per_block=1,
-    attention_levels=(True, True, False),
+    attention_levels=(False, True, False),
     transformer_depth=(1, 1, 1),
     mid_transformer_depth=1,
     cross_attention_dim=TEXT_ENCODER.hidden_size,
