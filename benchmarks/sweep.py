@@ -68,7 +68,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per run (default 4: short runs)")
     parser.add_argument("--ranks", default="4,8,16,32", help="network_dim values, the first is the baseline")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="num_cpu_threads_per_process")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="num_cpu_threads_per_process (default 1: on a shared machine more threads mostly wait for each other)",
+    )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=1, help="alternate the two this many times")
     args = parser.parse_args()
     ranks = [int(rank) for rank in args.ranks.split(",")]

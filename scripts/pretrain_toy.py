@@ -4,16 +4,17 @@
 
 Stages, each a plain loop on the CPU, deterministic from ``--seed`` at a fixed thread count:
 
-1. **VAE** (``loralab.toy.model.VAE``): reconstruction (L1 + MSE) plus a small KL term, on
-   codec scenes (arbitrary colours, overlapping shapes) and world scenes. Its latent space is
+1. **VAE** (``loralab.toy.model.VAE``): reconstruction (L1 + MSE, plus L1 of 4 x 4 averages
+   for colour fidelity) and a small KL term, on codec scenes (arbitrary and vivid colours,
+   overlapping shapes) and world scenes: a general image codec, like SD's. Its latent space is
    then rescaled so that latents times SD's scaling factor (0.18215, which every SD1 loader
    assumes) have unit variance, as SD's own VAE was calibrated.
 2. **Text encoder + UNet**: the world's scenes are encoded once into latents; captions are
    drawn fresh each step (parts left out at random, 10 % dropped entirely for classifier-free
    guidance) and encoded by ``loralab.train.conditioning`` exactly as LoRA training will;
    DDPM scaled-linear noise, epsilon prediction, min-SNR-5 weighting, AdamW with warm-up and
-   cosine decay; the saved weights are an exponential moving average. Written as
-   ``toy_base.safetensors``.
+   cosine decay; the token embedding keeps its random initialisation; the saved weights are an
+   exponential moving average. Written as ``toy_base.safetensors``.
 3. **Alt**: the UNet alone (text encoder frozen) fine-tuned further on the "warm" style of the
    world (mostly red/orange/yellow gradients), written as ``toy_alt.safetensors``: a second
    checkpoint of the same family that a LoRA trained on the base should also apply to.
@@ -82,7 +83,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu",
                         help="torch device; the shipped checkpoints are made on the CPU (others differ numerically)")
     parser.add_argument("--minutes", type=float, default=30.0, help="wall-time cap for the whole run")
-    parser.add_argument("--vae-steps", type=int, default=900)
+    parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--vae-from", type=Path, default=None,
@@ -95,8 +96,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--ema-decay", type=float, default=0.995)
     parser.add_argument("--alt-images", type=int, default=2000, help="warm-style scenes encoded for stage 3")
-    parser.add_argument("--alt-steps", type=int, default=120)
-    parser.add_argument("--alt-lr", type=float, default=2e-4)
+    parser.add_argument("--alt-steps", type=int, default=200)
+    parser.add_argument("--alt-lr", type=float, default=6e-4)
     parser.add_argument("--preview-dir", type=Path, default=None, help="write sample grids (PNG) here")
     parser.add_argument("--log-every", type=int, default=50)
     return parser.parse_args(argv)
@@ -477,6 +478,9 @@ def write_readme(out_dir: Path, args: argparse.Namespace, records: Sequence[Stag
     sizes = "\n".join(
         f"- `{f.name}`: {f.stat().st_size / 1e6:.1f} MB" for f in files.values() if f.is_file()
     )
+    size, latent = toy_model.RESOLUTION, toy_model.LATENT_SIZE
+    vae, encoder, unet = toy_model.VAE, toy_model.TEXT_ENCODER, toy_model.UNET
+    attention = ", ".join(str(i + 1) for i, a in enumerate(unet.attention_levels) if a)
     text = f"""# Toy checkpoints
 
 Made by this repository's own script, from nothing but the toy world (`loralab.toy.world`):
@@ -497,16 +501,19 @@ the world's warm style (red/orange/yellow gradients), the way community checkpoi
 family differ. Neither has ever been shown the toy subject ("blh ring", a magenta ring with a
 yellow dot); both know the class word "ring".
 
-Architecture (see `loralab/toy/model.py`): {toy_model.RESOLUTION} px images, VAE
-{toy_model.VAE.block_out_channels} (x4 downsampling, {toy_model.LATENT_SIZE}x{toy_model.LATENT_SIZE}x4 latents),
-CLIP text encoder {toy_model.TEXT_ENCODER.hidden_size} wide x {toy_model.TEXT_ENCODER.num_hidden_layers} layers
-(full 49,408-token vocabulary), UNet {toy_model.UNET.block_out_channels} with cross-attention
-on the first two levels and the middle. Sample at {toy_model.RESOLUTION}x{toy_model.RESOLUTION} px
-(pass the size: the UNet config's default would ask for 256 px), 20 or more steps, guidance about 5.
+Architecture (see `loralab/toy/model.py`): {size} px images; VAE {vae.block_out_channels}
+(x{size // latent} downsampling, {latent}x{latent}x{vae.latent_channels} latents); CLIP text encoder
+{encoder.hidden_size} wide x {encoder.num_hidden_layers} layers (full 49,408-token vocabulary); UNet
+{unet.block_out_channels} with cross-attention on level(s) {attention} and in the middle. Sample at
+{size}x{size} px (pass the size: the UNet config's default would ask for more), 20 or more steps,
+guidance about 5.
 
 | stage | steps | time | final loss |  |
 |---|---|---|---|---|
 {stage_lines}
+
+The VAE is trained as a general codec (world scenes plus scenes of arbitrary, often vivid,
+colours); the text encoder and UNet see only captioned world scenes (no magenta anywhere).
 
 Settings: VAE batch {args.vae_batch}, lr {args.vae_lr}; {args.world_images} world images; UNet + text
 encoder batch {args.batch}, lr {args.unet_lr} / {args.text_encoder_lr}, caption dropout

@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 
-import pytest
 import torch
 from torch import nn
 
 from loralab.models.architecture import build_empty_model, bundled_config
 from loralab.models.family import ModelFamily
 from loralab.network.lora import LoRANetwork, NetworkSpec
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Run tiny models on one thread (import this fixture into a test module to use it).
-
-    They gain nothing from intra-op threads, and on a busy CI machine the threads wait on each
-    other: one thread is several times faster there.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # alpha != rank everywhere, and a conv rank/alpha of their own, so every scale is exercised.

@@ -25,7 +25,7 @@ from loralab.sample.samplers import A1111_SAMPLERS, SamplerError, build_schedule
 from loralab.sample.wildcards import WildcardError, Wildcards
 from loralab.sample.xyz import AxisError, parse_axis, plan_xyz, render_xyz
 
-from lora_test_support import one_thread, random_network  # noqa: F401  (one_thread is a fixture)
+from lora_test_support import random_network
 
 SPEC = NetworkSpec(rank=4, alpha=2.0)
 
@@ -305,3 +305,26 @@ def test_render_prompts_by_seeds_on_a_model_in_memory(files) -> None:
     assert np.array_equal(_pixels(images[0]), _pixels(from_file))
     engine.close()
     assert not any(isinstance(m, AdaptedLayer) for m in components.unet.modules())  # LoRA taken out again
+
+
+def test_lora_names_resolve_as_in_a1111s_lora_folder(files, tmp_path: Path) -> None:
+    from loralab.sample.lora_library import LoraLibrary
+
+    source = (files["loras"] / "x.safetensors").read_bytes()
+    (tmp_path / "people").mkdir()
+    (tmp_path / "people" / "Blh_Final.safetensors").write_bytes(source)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "twin.safetensors").write_bytes(source)
+    (tmp_path / "people" / "twin.safetensors").write_bytes(source)
+    network = random_network(build_tiny_components("sd15"), SPEC, seed=9)
+    metadata = build_lora_metadata(family=network.family, network=SPEC, title="t", extra_fields={"ss_output_name": "blh_v2"})
+    save_lora_file(tmp_path / "model-000008.safetensors", network.state_dict(), metadata)
+    library = LoraLibrary(tmp_path)
+    assert library.resolve("people/Blh_Final") == tmp_path / "people" / "Blh_Final.safetensors"
+    assert library.resolve("Blh_Final") == library.resolve("blh_final.safetensors") == tmp_path / "people" / "Blh_Final.safetensors"
+    assert library.resolve("blh_v2") == tmp_path / "model-000008.safetensors"  # alias from the file's metadata
+    assert library.resolve("other/twin") == tmp_path / "other" / "twin.safetensors"
+    with pytest.raises(LoralabError, match="ambiguous"):
+        library.resolve("twin")
+    with pytest.raises(LoralabError, match="did you mean Blh_Final"):
+        library.resolve("Blh_Finl")

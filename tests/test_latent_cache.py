@@ -40,14 +40,6 @@ BUCKETS = ["--set", "enable_bucket=true", "--set", "min_bucket_reso=32", "--set"
 SIZES = [(64, 64), (80, 48), (48, 80), (96, 64)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[int, Path]:
     """Tiny SD1.5 single-file checkpoints: seed 0 and seed 1 (a different VAE)."""

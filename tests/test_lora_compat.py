@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from lora_test_support import LOCON_SPEC, max_difference, model_outputs, one_thread, random_network  # noqa: F401 (one_thread: autouse, tiny models on one thread)
+from lora_test_support import LOCON_SPEC, max_difference, model_outputs, random_network
 from peft.utils import get_peft_model_state_dict
 
 from loralab.models.family import ModelFamily

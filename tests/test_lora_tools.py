@@ -69,16 +69,6 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """These matrices are tiny: on a shared 2-core machine, LAPACK's thread start-up and spinning
-    cost ~50x the SVDs themselves (0.25 s instead of 5 ms each)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("lora_tools")

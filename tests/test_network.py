@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from lora_test_support import LOCON_SPEC, full_size, max_difference, model_outputs, one_thread, random_network  # noqa: F401 (one_thread: autouse, tiny models on one thread)
+from lora_test_support import LOCON_SPEC, full_size, max_difference, model_outputs, random_network
 from torch import nn
 
 from loralab.errors import ConfigError, LoraFileError

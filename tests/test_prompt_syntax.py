@@ -31,7 +31,6 @@ from loralab.sample.prompt_syntax import (
 )
 from loralab.sample.samplers import SamplerError
 
-from lora_test_support import one_thread  # noqa: F401  (fixture)
 
 R = 1.1  # A1111's round-bracket multiplier
 S = 1 / 1.1  # its square-bracket multiplier

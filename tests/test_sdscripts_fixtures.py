@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_test_support import full_size, one_thread  # noqa: F401 (one_thread: autouse, tiny models on one thread)
+from lora_test_support import full_size
 from safetensors import safe_open
 
 from loralab.models.family import ModelFamily

@@ -97,7 +97,8 @@ def test_grid_labels_groups_and_baseline_detection(tmp_path):
 
 
 def test_expanded_json_round_trips(tmp_path):
-    expansion = expand_sweep(read_sweep(write_sweep(tmp_path, "[axes]\nnetwork_dim = [4]\n")))
+    expansion = expand_sweep(read_sweep(write_sweep(tmp_path, 'name = "Rank"\n[axes]\nnetwork_dim = [4]\n')))
+    assert {entry["comparison"] for entry in expansion.to_json()} == {"Rank"}  # one axis: the sweep's comparison
     write_expanded(expansion, tmp_path / "out")
     assert read_expanded(tmp_path / "out") == json.loads(json.dumps(expansion.to_json()))
 
@@ -240,6 +241,7 @@ def test_guide_variants_equal_the_guide_runs(path, seed_configs):
     spec = read_sweep(path)
     expansion = expand_sweep(spec)
     runs = expansion.runs
+    assert {entry["comparison"] for entry in expansion.to_json()} == {spec.title}
     assert resolve_evaluation(spec, None).images_per_save_point() > 0
     if spec.title in NOT_IN_SEED:
         # No seed run to compare with: each variant changes the baseline in its one setting only.

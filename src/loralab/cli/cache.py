@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from loralab.cli.options import add_override_option
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -39,14 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", type=Path, help="training config whose resolution, buckets and flip_aug decide the crops")
     parser.add_argument("--resolution", help="training resolution, e.g. 768 or 768,512 (replaces the config's)")
     parser.add_argument("--reg-data", type=Path, help="regularisation images folder (replaces reg_data_dir)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set enable_bucket=true; repeatable",
-    )
+    add_override_option(parser)
     parser.add_argument("--cache-dir", type=Path, help="cache folder (default: $LORALAB_CACHE_DIR or the user cache folder)")
     parser.add_argument("--vae-batch-size", type=int, default=4, help="images per VAE call (default 4)")
     parser.add_argument("--device", help="device to encode on (default: cuda if available, else cpu)")

@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loralab.cli.options import add_override_option
 from loralab.errors import ConfigError
 
 if TYPE_CHECKING:
     from loralab.config.diagnostics import IgnoredKey
 
-_SET_HELP = "override a config key (same names and checks as the file); repeatable"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     convert.add_argument("source", type=Path, metavar="IN", help="config to read (.json or .toml)")
     convert.add_argument("target", type=Path, metavar="OUT.toml", help="native TOML file to write")
-    convert.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
+    add_override_option(convert)
     convert.add_argument("--force", action="store_true", help="overwrite OUT.toml if it exists")
 
     show = actions.add_parser(
@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Print every setting of a config after import, defaults and --set overrides.",
     )
     show.add_argument("config", type=Path, help="config to read (.json or .toml)")
-    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
+    add_override_option(show)
 
     parser.set_defaults(func=run, config_parser=parser)
 

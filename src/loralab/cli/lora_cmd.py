@@ -22,7 +22,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-
 from loralab.errors import LoraFileError
 
 # The commands import torch-heavy modules (diffusers, transformers) inside ``run_*`` so that
@@ -114,7 +113,11 @@ def _quantile(text: str) -> float | None:
 
 def describe_lora(path: Path) -> dict[str, Any]:
     """Everything ``lora inspect`` shows, as plain JSON-able data."""
-    from loralab.network.lora_file import family_label, read_lora_file, safetensors_hashes
+    from loralab.network.lora_file import (
+        family_label,
+        read_lora_file,
+        safetensors_hashes,
+    )
 
     lora = read_lora_file(path)
     modules = lora.modules()

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loralab.cli.options import add_config_argument, add_override_option
+
 if TYPE_CHECKING:
     from loralab.plan.planner import Plan
 
@@ -28,15 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "after every step."
         ),
     )
-    parser.add_argument("config", type=Path, help="config file: loralab TOML, sd-scripts TOML or kohya_ss GUI JSON")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (same names and checks as the file); repeatable",
-    )
+    add_config_argument(parser)
+    add_override_option(parser)
     parser.add_argument("--train-data", type=Path, help="training images folder (replaces train_data_dir)")
     parser.add_argument("--reg-data", type=Path, help="regularisation images folder (replaces reg_data_dir)")
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")

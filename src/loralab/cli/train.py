@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from loralab.cli.options import add_config_argument, add_override_option
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -20,15 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "into one run directory: --run-dir, else the config's output_dir, else runs/<name>-<time>."
         ),
     )
-    parser.add_argument("config", type=Path, help="config file: loralab TOML, sd-scripts TOML or kohya_ss GUI JSON")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (same names and checks as the file); repeatable",
-    )
+    add_config_argument(parser)
+    add_override_option(parser)
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its saved state")
     parser.add_argument("--run-dir", type=Path, help="folder for this run's outputs (must not hold another run)")
     output = parser.add_mutually_exclusive_group()

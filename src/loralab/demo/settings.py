@@ -26,7 +26,7 @@ GUIDE_OPTIMIZER_ARGS: dict[str, Any] = {
     # D-Adaptation starts its step size d at 1e-6 and, at growth rate 1.02, can only double it
     # every ~35 steps: fine over the guide's thousands of steps, nothing over the toy's dozens.
     # Starting d where a long run's d ends keeps the guide's growth rule and lets the toy learn.
-    "d0": 1e-2,
+    "d0": 3e-2,
 }
 # The toy text encoder has 3 layers and was pretrained on its last one: clip skip 1. (The guide's
 # 2 suits checkpoints trained on the penultimate layer of a 12-layer encoder.)
@@ -52,9 +52,9 @@ class DemoSize:
         return "final" if self.save_every_n_epochs >= self.epochs else "all"
 
 
-QUICK = DemoSize(photos=16, epochs=8, save_every_n_epochs=8, batch_size=4, network_dims=(8, 2), seeds=(1, 2),
+QUICK = DemoSize(photos=16, epochs=30, save_every_n_epochs=30, batch_size=4, network_dims=(8, 2), seeds=(1, 2),
                  sample_steps=20)  # fmt: skip
-FULL = DemoSize(photos=24, epochs=16, save_every_n_epochs=8, batch_size=4, network_dims=(8, 2), seeds=(1, 2, 3),
+FULL = DemoSize(photos=24, epochs=40, save_every_n_epochs=20, batch_size=4, network_dims=(8, 2), seeds=(1, 2, 3),
                 sample_steps=24)  # fmt: skip
 
 # Eval prompts in the words of the photos' captions; without the trigger each becomes an ordinary

@@ -58,16 +58,16 @@ def embedding_short_hash(path: Path | str) -> str:
     return file_sha256(path)[:SHORT_HASH_DIGITS]
 
 
-def _stored_model_hash(path: Path) -> str | None:
-    """``sshs_model_hash`` from a safetensors file's metadata, if it holds one."""
-    with path.open("rb") as handle:
+def safetensors_metadata(path: Path | str) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, read from its header alone ({} when unreadable)."""
+    with Path(path).open("rb") as handle:
         header_size = int.from_bytes(handle.read(8), "little")
         try:
             header = json.loads(handle.read(header_size))
         except ValueError:
-            return None
-    value = (header.get("__metadata__") or {}).get("sshs_model_hash")
-    return value if isinstance(value, str) and len(value) == 64 else None
+            return {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return {k: v for k, v in metadata.items() if isinstance(v, str)} if isinstance(metadata, dict) else {}
 
 
 def lora_short_hash(path: Path | str) -> str:
@@ -75,8 +75,8 @@ def lora_short_hash(path: Path | str) -> str:
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         return file_sha256(path)[:SHORT_HASH_DIGITS]
-    stored = _stored_model_hash(path)
-    full = stored if stored else _sha256(_file_key(path), True)
+    stored = safetensors_metadata(path).get("sshs_model_hash", "")
+    full = stored if len(stored) == 64 else _sha256(_file_key(path), True)
     return full[:SHORT_HASH_DIGITS]
 
 
@@ -91,4 +91,5 @@ __all__ = [
     "embedding_short_hash",
     "file_sha256",
     "lora_short_hash",
+    "safetensors_metadata",
 ]

@@ -3,8 +3,9 @@
 A name (``<lora:blh_final_rv20 (8):0.9>``, ``--lora blh:0.8``) is resolved in this order: an existing
 file path; then, in the LoRA folder and its subfolders, a file whose path relative to the folder
 without ``.safetensors`` is the name (``people/blh``), then one whose file name without extension
-is the name, then the same ignoring case. Two files that match equally make the name ambiguous;
-no match is an error that suggests close names. Files are read once (``read_lora_file``) and kept.
+is the name, then the same ignoring case, then one whose ``ss_output_name`` metadata is the name
+(A1111's "alias from file"). Two files that match equally make the name ambiguous; no match is an
+error that suggests close names. Files are read once (``read_lora_file``) and kept.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from loralab.errors import LoraFileError
 from loralab.network.lora_file import LoraFile, read_lora_file
-from loralab.sample.hashes import lora_short_hash
+from loralab.sample.hashes import lora_short_hash, safetensors_metadata
 
 LORA_SUFFIX = ".safetensors"
 
@@ -75,11 +76,14 @@ class LoraLibrary:
         key = name.removesuffix(LORA_SUFFIX)
         files = self.files()
         relative = {p: p.relative_to(self.folder).with_suffix("").as_posix() for p in files}
-        for matches in (
-            [p for p in files if relative[p] == key],
-            [p for p in files if p.stem == key],
-            [p for p in files if p.stem.lower() == key.lower()],
-        ):
+        rules = (
+            lambda p: relative[p] == key,
+            lambda p: p.stem == key,
+            lambda p: p.stem.lower() == key.lower(),
+            lambda p: safetensors_metadata(p).get("ss_output_name") == key,  # read only if the others fail
+        )
+        for rule in rules:
+            matches = [p for p in files if rule(p)]
             if len(matches) == 1:
                 return matches[0]
             if len(matches) > 1:

@@ -30,7 +30,15 @@ from typing import Any
 
 import torch
 
-from loralab.sweep.layout import BASELINE_MODELS, EVALUATION_FILE, INDEX_FILE, SavePoint, eval_dir, read_json, write_json
+from loralab.sweep.layout import (
+    BASELINE_MODELS,
+    EVALUATION_FILE,
+    INDEX_FILE,
+    SavePoint,
+    eval_dir,
+    read_json,
+    write_json,
+)
 from loralab.sweep.spec import EvaluationSpec, RandomPrompts, SweepError, SweepSpec
 
 DEFAULT_BATCH = 4
@@ -212,7 +220,8 @@ def items_for(settings: EvalSettings, target: RenderTarget, checkpoint: EvalChec
                         }  # fmt: skip
                         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
                         mode = "" if trigger else "-notrigger"
-                        name = f"{set_name}/{checkpoint.label}-p{index:03d}-s{seed}-w{weight:g}{mode}-{digest}.png"
+                        # Named by content, not position: a prompt inserted before it keeps its image.
+                        name = f"{set_name}/{checkpoint.label}-s{seed}-w{weight:g}{mode}-{digest}.png"
                         items.append(EvalItem(checkpoint.label, set_name, index, prompt, seed, weight, trigger, name))
     return items
 
@@ -354,7 +363,9 @@ def write_index(settings: EvalSettings, target: RenderTarget) -> bool:
     return True
 
 
-def base_model_targets(settings: EvalSettings, sweep_dir: Path, width: int, height: int, clip_skip: int | None) -> list[RenderTarget]:
+def base_model_targets(
+    settings: EvalSettings, sweep_dir: Path, width: int, height: int, clip_skip: int | None
+) -> list[RenderTarget]:
     """One target per evaluation checkpoint: its images without any LoRA."""
     if not settings.base_images:
         return []

@@ -65,15 +65,17 @@ class RunOutcome:
 
 
 class StepTimer:
-    """Times a run's optimizer steps through the loop's ``after_step`` hook."""
+    """Times a run's optimizer steps through the loop's ``after_step`` hook; reports the step time
+    once ``TIMED_STEPS`` gaps are measured (or the run's last step came first)."""
 
-    def __init__(self, on_measured: Callable[[float], None] | None = None) -> None:
+    def __init__(self, on_measured: Callable[[float], None] | None = None, total_steps: int | None = None) -> None:
         self._times: list[float] = []
         self._on_measured = on_measured
+        self._report_at = max(2, min(TIMED_STEPS + 1, total_steps or TIMED_STEPS + 1))
 
     def __call__(self, report: StepReport) -> None:
         self._times.append(time.perf_counter())
-        if len(self._times) == TIMED_STEPS + 1 and self._on_measured is not None:
+        if len(self._times) == self._report_at and self._on_measured is not None:
             self._on_measured(self.seconds_per_step or 0.0)
 
     @property
@@ -105,7 +107,7 @@ def execute_run(
     status = RunStatus("running", config_hash=task.config_hash, wall_seconds=earlier_seconds)
     write_status(directory, status)
 
-    timer = StepTimer(on_measured)
+    timer = StepTimer(on_measured, task.max_train_steps)
     started = time.perf_counter()
     try:
         result = _train(task, directory, resume=resume, pool=pool, progress=progress, hooks=LoopHooks(after_step=timer))

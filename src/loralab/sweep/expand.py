@@ -9,8 +9,9 @@ Names: ``baseline``, ``baseline-seed2`` (the baseline's repeats), ``network_dim-
 ``+`` (``network_dim-64+optimizer_args.growth_rate-inf``). A variant whose config equals the
 baseline's *is* the baseline and is trained once.
 
-``expanded.json`` holds one entry per run and comparison: in one-at-a-time mode each axis is a
-comparison and the baseline (with its repeats) appears in each of them, under the same run name.
+``expanded.json`` holds one entry per run and comparison. A grid, or a one-at-a-time sweep of one
+axis, is one comparison named after the sweep; in a one-at-a-time sweep of several axes each axis
+is a comparison and the baseline (with its repeats) appears in each, under the same run name.
 Fields: name, comparison, axis, value, is_baseline, seed_repeat, overrides, config_hash, and
 ``values`` (axis -> label of this run on every axis).
 """
@@ -164,7 +165,9 @@ def parse_axes(spec: SweepSpec) -> tuple[Axis, ...]:
     for name, values in spec.axes.items():
         setting = canonical_setting(name)
         if isinstance(values, dict) and _holds_groups(setting, values):
-            variants = [Variant(str(label), _group_overrides(spec, name, label, group)) for label, group in values.items()]
+            variants = [
+                Variant(str(label), _group_overrides(spec, name, label, group)) for label, group in values.items()
+            ]
         elif setting is not None:
             labelled = values.items() if isinstance(values, dict) else ((format_label(v), v) for v in values)
             variants = [Variant(str(label), {setting: value}) for label, value in labelled]
@@ -176,7 +179,9 @@ def parse_axes(spec: SweepSpec) -> tuple[Axis, ...]:
         labels = [safe_name(variant.label) for variant in variants]
         duplicates = sorted({label for label in labels if labels.count(label) > 1})
         if duplicates:
-            raise SweepError(f"{spec.source}: axis {name!r} has two values labelled {duplicates[0]!r}; label them apart")
+            raise SweepError(
+                f"{spec.source}: axis {name!r} has two values labelled {duplicates[0]!r}; label them apart"
+            )
         axes.append(Axis(name, setting, tuple(variants)))
     return tuple(axes)
 
@@ -231,22 +236,23 @@ def expand_sweep(spec: SweepSpec) -> Expansion:
         _expand_grid(builder, spec.title, axes)
     else:
         for axis in axes:
-            _expand_axis(builder, axis)
+            # One axis is the sweep's one comparison (named after the sweep); several are one each.
+            _expand_axis(builder, axis, spec.title if len(axes) == 1 else axis.name)
     return Expansion(spec, baseline, axes, tuple(builder.entries))
 
 
-def _expand_axis(builder: _Builder, axis: Axis) -> None:
-    """One-at-a-time: each value of ``axis`` on the baseline; the comparison is the axis."""
+def _expand_axis(builder: _Builder, axis: Axis, comparison: str) -> None:
+    """One-at-a-time: each value of ``axis`` on the baseline, as ``comparison``."""
     labels = builder.baseline_labels([axis])
     for variant in axis.variants:
         config = builder.configure(variant.overrides, f"{axis.name}-{variant.label}")
         if builder.is_baseline(config):
             continue
         builder.add(
-            name=safe_name(f"{axis.name}-{variant.label}"), comparison=axis.name, axis=axis.name,
+            name=safe_name(f"{axis.name}-{variant.label}"), comparison=comparison, axis=axis.name,
             value=variant.label, overrides=variant.overrides, values={axis.name: variant.label}, config=config,
         )  # fmt: skip
-    builder.add_baseline(axis.name, axis.name, labels[axis.name], labels)
+    builder.add_baseline(comparison, axis.name, labels[axis.name], labels)
 
 
 def _expand_grid(builder: _Builder, comparison: str, axes: Sequence[Axis]) -> None:
@@ -294,9 +300,12 @@ class _Builder:
         """The baseline's label on each axis: the value that leaves it unchanged, else its setting."""
         labels = {}
         for axis in axes:
-            same = [v.label for v in axis.variants if self.is_baseline(self.configure(v.overrides, f"{axis.name}-{v.label}"))]
+            same = [v.label for v in axis.variants if self._leaves_baseline(axis, v)]
             labels[axis.name] = same[0] if same else self._current_label(axis)
         return labels
+
+    def _leaves_baseline(self, axis: Axis, variant: Variant) -> bool:
+        return self.is_baseline(self.configure(variant.overrides, f"{axis.name}-{variant.label}"))
 
     def _current_label(self, axis: Axis) -> str:
         if axis.setting is None:
@@ -307,7 +316,9 @@ class _Builder:
             value = value.get(sub_key)
         return "unset" if value is None else format_label(value)
 
-    def add(self, *, config: TrainConfig, is_baseline: bool = False, seed_repeat: int | None = None, **fields: Any) -> None:
+    def add(
+        self, *, config: TrainConfig, is_baseline: bool = False, seed_repeat: int | None = None, **fields: Any
+    ) -> None:
         entry = SweepRun(
             **fields, is_baseline=is_baseline, seed_repeat=seed_repeat, config=config, config_hash=config_hash(config)
         )

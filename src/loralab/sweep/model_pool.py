@@ -93,10 +93,15 @@ class BaseModelPool:
         return components
 
     def check_restored(self) -> bool:
-        """After a run: True when the held model's weights are exactly as loaded; else drop it."""
+        """After a run: True when the held model's weights are exactly as loaded; else drop it.
+
+        The modules' modes go back to those of a freshly loaded model too (eval mode, no gradients,
+        no gradient checkpointing): a run switches on what its config asks for, never off.
+        """
         if self._loaded is None:
             return True
         if frozen_digest(self._loaded.components) == self._loaded.digest:
+            reset_modes(self._loaded.components)
             return True
         logger.warning("the base model changed during the last run; it is loaded again for the next one")
         self.release()
@@ -110,6 +115,18 @@ class BaseModelPool:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def reset_modes(components: StableDiffusionComponents) -> None:
+    """Frozen, in eval mode, without gradient checkpointing: how ``load_checkpoint`` returns a model."""
+    for module in (components.unet, components.vae, *components.text_encoders):
+        module.eval()
+        module.requires_grad_(False)
+    if components.unet.is_gradient_checkpointing:
+        components.unet.disable_gradient_checkpointing()
+    for encoder in components.text_encoders:
+        # transformers renamed it (the old name warns); switching it off when off is harmless.
+        getattr(encoder, "activation_checkpointing_disable", encoder.gradient_checkpointing_disable)()
 
 
 def frozen_digest(components: StableDiffusionComponents) -> str:

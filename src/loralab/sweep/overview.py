@@ -148,7 +148,9 @@ def _evaluation_line(evaluation: EvalSettings) -> str:
     ]
     if len(evaluation.trigger_modes) > 1:
         parts.append("with and without trigger")
-    save_points = evaluation.save_points if isinstance(evaluation.save_points, str) else ", ".join(evaluation.save_points)
+    save_points = evaluation.save_points
+    if not isinstance(save_points, str):
+        save_points = ", ".join(save_points)
     placeholders = [c.path for c in evaluation.checkpoints if is_placeholder(c.path)]
     line = (
         f"evaluation: {' x '.join(parts)} = {evaluation.images_per_save_point()} images per save point "

@@ -156,7 +156,8 @@ def _scores(sweep_dir: Path, run: str, save_point: str) -> dict[str, Any]:
 
 
 def _json_ready(row: dict[str, Any]) -> dict[str, Any]:
-    return {key: (None if isinstance(value, float) and not math.isfinite(value) else value) for key, value in row.items()}
+    # JSON has no NaN or infinity: a diverged loss is empty, and the run's error says what happened.
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in row.items()}
 
 
 def _csv_text(rows: list[dict[str, Any]]) -> str:

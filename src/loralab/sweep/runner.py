@@ -23,13 +23,13 @@ content (see :mod:`loralab.data.latent_cache`): each image is encoded once for t
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from loralab.config.loading import write_text_atomic
 from loralab.sweep.evaluate import (
     EvalSettings,
     RenderCounts,
@@ -86,7 +86,9 @@ class SweepSummary:
 class Backend(Protocol):
     """Where runs train and images render; both backends give the same files."""
 
-    def train(self, tasks: list[RunTask], report: Callable[[RunOutcome], None], on_measured: Callable[[float], None]) -> list[RunOutcome]: ...  # noqa: E501
+    def train(
+        self, tasks: list[RunTask], report: Callable[[RunOutcome], None], on_measured: Callable[[float], None]
+    ) -> list[RunOutcome]: ...
 
     def evaluate(self, settings: EvalSettings, targets: list[RenderTarget]) -> RenderCounts: ...
 
@@ -126,7 +128,7 @@ def run_sweep(options: SweepOptions, printer: Printer = print) -> SweepSummary:
         return summary
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(options.file, sweep_dir / SWEEP_FILE)
+    write_text_atomic(sweep_dir / SWEEP_FILE, Path(options.file).read_text(encoding="utf-8"))
     write_expanded(expansion, sweep_dir)
     if settings is not None:
         write_evaluation(settings, sweep_dir)
@@ -267,7 +269,8 @@ def _evaluate_all(
 def _score_and_report(spec: SweepSpec, sweep_dir: Path, printer: Printer) -> None:
     """Score every evaluated save point with the sweep file's models, then write the report.
 
-    A scoring model that cannot be used is reported and the report is written without its scores.
+    A scoring model that cannot be used is reported and the report is written without its scores;
+    a report that cannot be written is reported too (the results are written either way).
     """
     import torch
 
@@ -285,7 +288,10 @@ def _score_and_report(spec: SweepSpec, sweep_dir: Path, printer: Printer) -> Non
     except LoralabError as exc:
         printer(f"scoring failed: {exc}")
     write_results(sweep_dir)  # with the scores
-    printer(f"report: {write_report(sweep_dir)}")
+    try:
+        printer(f"report: {write_report(sweep_dir)}")
+    except LoralabError as exc:  # the runs and results stand; `loralab report` can write it later
+        printer(f"report not written: {exc}")
 
 
 def _summary_line(summary: SweepSummary) -> str:

@@ -145,7 +145,9 @@ class EvaluationSpec(_Strict):
     sampler: str = Field("euler_a", description="Sampler: an A1111 name ('DPM++ 2M Karras') or kohya's ('euler_a').")
     steps: int = Field(20, ge=1, le=500, description="Sampling steps.")
     cfg: float = Field(7.0, gt=0, description="CFG scale where a checkpoint sets none.")
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="Seeds; every prompt is drawn with each.")
+    seeds: list[int] = Field(
+        default_factory=lambda: [0], min_length=1, description="Seeds; every prompt is drawn with each."
+    )
     width: int | None = Field(None, ge=8, multiple_of=8, description="Image width (default: the run's training width).")
     height: int | None = Field(
         None, ge=8, multiple_of=8, description="Image height (default: the run's training height)."
@@ -200,7 +202,9 @@ class ScoringSpec(_Strict):
     """Models for the scores (see loralab.sweep.scoring); a score whose model is not given is
     reported as missing, with the reason."""
 
-    face_model: str | None = Field(None, description="ArcFace-style .onnx face-identity model: likeness, face rate, leak.")
+    face_model: str | None = Field(
+        None, description="ArcFace-style .onnx face-identity model: likeness, face rate, trigger leak."
+    )
     clip_model: str | None = Field(None, description="Local CLIP model folder: prompt adherence and diversity.")
 
 

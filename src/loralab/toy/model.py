@@ -3,13 +3,16 @@
 Same classes and single-file layout as a real SD1.5 checkpoint (the loader reads these sizes
 back from tensor shapes), only smaller:
 
-- VAE: three levels (32, 64, 64 channels), so it downsamples by 4, not 8: a 32 px image
-  becomes an 8 x 8 x 4 latent. (SD's x8 would leave 4 x 4, too coarse for a star.) The
-  channel counts are multiples of 32 because SD's group norms use 32 groups.
+- VAE: two levels (32, 64 channels), so it downsamples by 2, not 8: a 32 px image becomes a
+  16 x 16 x 4 latent. (At SD's x8 a 32 px image would be a 4 x 4 latent, far too coarse for a
+  star; a x4 VAE of this size also trains too slowly to reproduce the toy colours within the
+  pretraining budget.) Channel counts are multiples of 32 because SD's group norms use 32 groups.
 - Text encoder: CLIP with the real 49,408-token vocabulary (the real tokenizer works and
   trigger words like "blh" are ordinary rare tokens), 64 wide, 3 layers.
-- UNet: levels of 64, 64, 128 channels with cross-attention on the first two and in the
-  middle, as SD1 has (8 heads each, SD1's rule), conditioned on the 64-wide text states.
+- UNet: levels of 32, 64, 128 channels (16, 8, 4 px); cross-attention (8 heads, SD1's rule)
+  on the 8 px level and in the middle, none at 16 px (as SDXL leaves its first level without
+  attention: there it would cost more than everything else together), conditioned on the
+  64-wide text states.
 
 The two trained checkpoints ship in ``checkpoints/``; ``scripts/pretrain_toy.py`` makes them.
 """
