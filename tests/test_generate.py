@@ -32,7 +32,7 @@ SPEC = NetworkSpec(rank=4, alpha=2.0)
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
-    """Two tiny SD1.5 checkpoints (same family, different weights), LoRAs for SD1.5 and SDXL."""
+    """Two tiny SD1.5 checkpoints (same family, different weights), tiny SDXL and SD2-v ones, LoRAs for SD1.5 and SDXL."""
     root = tmp_path_factory.mktemp("generate")
     loras = root / "loras"
     loras.mkdir()
@@ -46,6 +46,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "a": make_tiny("sd15", "single-file", root / "model_a.safetensors", seed=0),
         "b": make_tiny("sd15", "single-file", root / "model_b.safetensors", seed=1),
         "xl": make_tiny("sdxl", "single-file", root / "model_xl.safetensors", seed=0),
+        "sd2v": make_tiny("sd2v", "diffusers", root / "model_sd2v", seed=0),
         "loras": loras,
         "root": root,
     }
@@ -207,19 +208,24 @@ def test_every_sampler_renders_and_sde_noise_is_seeded(files) -> None:
     assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.use_karras_sigmas
 
 
-def test_sdxl_and_long_prompts_with_batches(files) -> None:
+def test_sdxl_v_prediction_long_prompts_and_batches(files) -> None:
     engine = GenerationEngine()
-    long_prompt = ", ".join(["a dog on a beach"] * 20)  # 3 chunks; the negative has 1 and is padded
+    long_prompt = ", ".join(["a dog on a beach"] * 20)  # 3 chunks; its negative has 1 and is padded
     requests = [
         _request(files["xl"], prompt=long_prompt, seed=1),
         _request(files["xl"], prompt="a cat", negative_prompt="", seed=2),
+        _request(files["xl"], prompt="a dog", negative_prompt="", seed=3),
     ]
-    batched = engine.generate(requests, batch_size=2)
-    single = engine.generate(requests[1:])
-    assert len(batched) == 2 and engine.load_count == 1
-    assert all(np.isfinite(_pixels(i)).all() for i in batched)
-    # An image depends on its seed, not on its place in a batch (up to float rounding).
-    assert np.abs(_pixels(batched[1]).astype(int) - _pixels(single[0]).astype(int)).max() <= 2
+    batched = engine.generate(requests, batch_size=3)
+    singles = engine.generate(requests[1:])
+    assert len(batched) == 3 and engine.load_count == 1
+    assert all(np.isfinite(_pixels(i)).all() and _pixels(i).std() > 0 for i in batched)
+    # The long prompt runs on its own; the two short ones share a call. An image depends on its
+    # seed, not on its batch (up to float rounding in the batched call).
+    for image, single in zip(batched[1:], singles):
+        assert np.abs(_pixels(image).astype(int) - _pixels(single).astype(int)).max() <= 2
+    (v_image,) = GenerationEngine().generate([_request(files["sd2v"], steps=2)])
+    assert np.isfinite(_pixels(v_image)).all() and _pixels(v_image).std() > 0
 
 
 @pytest.mark.parametrize(

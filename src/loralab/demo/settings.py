@@ -26,7 +26,7 @@ GUIDE_OPTIMIZER_ARGS: dict[str, Any] = {
     # D-Adaptation starts its step size d at 1e-6 and, at growth rate 1.02, can only double it
     # every ~35 steps: fine over the guide's thousands of steps, nothing over the toy's dozens.
     # Starting d where a long run's d ends keeps the guide's growth rule and lets the toy learn.
-    "d0": 3e-2,
+    "d0": 1e-2,
 }
 # The toy text encoder has 3 layers and was pretrained on its last one: clip skip 1. (The guide's
 # 2 suits checkpoints trained on the penultimate layer of a 12-layer encoder.)

@@ -265,12 +265,14 @@ def apply_emphasis(hidden: torch.Tensor, multipliers: torch.Tensor, emphasis: st
     """Weight one chunk's vectors ``(77, width)`` by ``multipliers`` ``(77,)`` as A1111's ``emphasis`` does."""
     if emphasis in ("Ignore", "None") or bool((multipliers == 1).all()):
         return hidden  # all weights 1: exactly unchanged (also when the mean is 0, where 0/0 would be NaN)
-    weighted = hidden * multipliers.to(hidden.dtype).unsqueeze(-1)
+    # In float32 whatever the model's precision (A1111's float32 multipliers promote it the same way).
+    original = hidden.float()
+    weighted = original * multipliers.to(hidden.device, torch.float32).unsqueeze(-1)
     new_mean = weighted.mean()
     if emphasis == "No norm" or new_mean == 0:
         return weighted
     # "Original": restore the chunk's mean (A1111: "it seems to work well to prevent artifacts").
-    return weighted * (hidden.mean() / new_mean)
+    return weighted * (original.mean() / new_mean)
 
 
 class PromptEncoder:
@@ -338,10 +340,10 @@ class PromptEncoder:
         # Each encoder's output is weighted on its own (A1111 weights before SDXL concatenates them).
         parts = []
         for part in hidden.split(self._output_widths(hidden), dim=-1):
-            # Contiguous, so both means reduce in the same order: all-1 weights then change nothing at all.
+            # Contiguous: each encoder's part is averaged as a tensor of its own, as in A1111.
             part = part.contiguous()
-            parts.append(torch.stack([apply_emphasis(z, m, self.emphasis) for z, m in zip(part, multipliers)]))
-        weighted = torch.cat(parts, dim=-1).to(hidden.dtype)
+            parts.append(torch.stack([apply_emphasis(z, m, self.emphasis).to(z.dtype) for z, m in zip(part, multipliers)]))
+        weighted = torch.cat(parts, dim=-1)
         pooled = conditioning.pooled[:1] if conditioning.pooled is not None else None
         return PromptEmbedding(weighted.reshape(1, -1, weighted.shape[-1]), pooled, tuple(used))
 
