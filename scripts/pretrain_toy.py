@@ -56,7 +56,6 @@ from loralab.train.sampling import build_pipeline, make_sampler
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "src" / "loralab" / "toy" / "checkpoints"
-MIN_SNR_GAMMA = 5.0
 PREVIEW_PROMPTS = (
     "a red circle",
     "a blue square",
@@ -95,6 +94,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--text-encoder-lr", type=float, default=6e-4)
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--ema-decay", type=float, default=0.995)
+    parser.add_argument("--min-snr-gamma", type=float, default=0.0, help="min-SNR loss weighting (0: off)")
+    parser.add_argument("--noise-offset", type=float, default=0.0,
+                        help="sd-scripts' noise offset: per-channel constant added to the noise")
     parser.add_argument("--alt-images", type=int, default=2000, help="warm-style scenes encoded for stage 3")
     parser.add_argument("--alt-steps", type=int, default=200)
     parser.add_argument("--alt-lr", type=float, default=6e-4)
@@ -378,7 +380,10 @@ def train_denoiser(
         ]
         clean = latents[torch.from_numpy(rows).to(latents.device)]
         # Drawn on the CPU generator whatever the device, so the draws do not depend on it.
-        noise = torch.randn(clean.shape, generator=generator).to(clean.device)
+        noise = torch.randn(clean.shape, generator=generator)
+        if args.noise_offset:  # lets the model shift a whole image's colour (flat backgrounds)
+            noise += args.noise_offset * torch.randn((len(rows), clean.shape[1], 1, 1), generator=generator)
+        noise = noise.to(clean.device)
         timesteps = torch.randint(
             0, noise_scheduler.config.num_train_timesteps, (len(rows),), generator=generator
         ).to(clean.device)
@@ -387,7 +392,9 @@ def train_denoiser(
             hidden = encode(captions)
         prediction = unet(noisy, timesteps, hidden).sample
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * min_snr_weight(snr[timesteps], MIN_SNR_GAMMA, v_prediction=False)).mean()
+        if args.min_snr_gamma:
+            per_sample = per_sample * min_snr_weight(snr[timesteps], args.min_snr_gamma, v_prediction=False)
+        loss = per_sample.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
@@ -517,7 +524,7 @@ colours); the text encoder and UNet see only captioned world scenes (no magenta 
 
 Settings: VAE batch {args.vae_batch}, lr {args.vae_lr}; {args.world_images} world images; UNet + text
 encoder batch {args.batch}, lr {args.unet_lr} / {args.text_encoder_lr}, caption dropout
-{args.caption_dropout}, min-SNR gamma {MIN_SNR_GAMMA}, EMA {args.ema_decay}; alt: {args.alt_images} warm
+{args.caption_dropout}, min-SNR gamma {args.min_snr_gamma or "off"}, noise offset {args.noise_offset}, EMA {args.ema_decay}; alt: {args.alt_images} warm
 images, UNet lr {args.alt_lr}.
 """
     write_text_atomically(out_dir / "README.md", text)

@@ -33,7 +33,7 @@ def _baseline_rows(demo_dir):
 
 
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,
     reason="the toy checkpoints barely follow the prompt yet, so a short LoRA run lifts likeness by "
     "0.04-0.15, short of 0.3 (issue 8 stays open until this passes)",
 )

@@ -72,6 +72,9 @@ class Wildcards:
         """
         if "{" not in template and "__" not in template:
             return template  # nothing to expand: skip the parser
+        for name in _WILDCARD.findall(template):  # checked first: Dynamic Prompts would only log it
+            if self.folder is None or not self._manager.get_values(name):
+                self._check_resolved(f"__{name}__")
         try:
             if template not in self._parsed:
                 from dynamicprompts.parser.parse import parse
