@@ -315,6 +315,18 @@ network_dim = 32
     assert {item.key for item in loaded.ignored} == {"save_model_as", "log_with"}
 
 
+def test_keep_last_n_saves_are_read_from_gui_and_sd_scripts_configs(tmp_path: Path) -> None:
+    gui = read_config(write_json(tmp_path, gui_config(save_last_n_steps=300, save_last_n_steps_state=2)))
+    assert gui.config.save_last_n_steps == 300 and gui.config.save_last_n_epochs is None
+    assert "save_last_n_steps_state" in {item.key for item in gui.ignored}
+    assert read_config(SEED / "config_SD1.5.json").config.save_last_n_steps == 0  # the GUI's 0: keep all
+    text = "save_every_n_epochs = 2\nsave_last_n_epochs = 3\nsave_last_n_epochs_state = 1\nlog_with = 'tensorboard'\n"
+    loaded = read_config(write_toml(tmp_path, text))
+    assert loaded.source_format == "sd-scripts"
+    assert (loaded.config.save_last_n_epochs, loaded.config.save_last_n_steps) == (3, None)
+    assert {item.key for item in loaded.ignored} == {"save_last_n_epochs_state", "log_with"}
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -110,6 +110,20 @@ def test_config_hash_ignores_only_where_a_run_writes(tmp_path):
     assert config_hash(config.model_copy(update={"num_cpu_threads_per_process": 4})) != config_hash(config)
 
 
+def test_sweeps_keep_every_save_even_when_the_baseline_prunes(tmp_path, caplog):
+    path = write_sweep(tmp_path, "[axes]\nnetwork_dim = [4, 8]\nsave_last_n_steps = [5]\n",
+                       baseline='[baseline.set]\nsave_last_n_epochs = 2\nsave_every_n_epochs = 1')  # fmt: skip
+    with caplog.at_level("WARNING", logger="loralab.sweep.expand"):
+        expansion = expand_sweep(read_sweep(path))
+    assert expansion.baseline.save_every_n_epochs == 1
+    for run in expansion.runs:
+        assert (run.config.save_last_n_epochs, run.config.save_last_n_steps) == (None, None)
+    # A variant that only set keep-last-N is the baseline: it would save the same files.
+    assert [run.name for run in expansion.runs] == ["baseline", "network_dim-4"]
+    assert "save_last_n_epochs ignored; a sweep keeps every saved LoRA" in caplog.text
+    assert "variant save_last_n_steps-5: save_last_n_steps ignored" in caplog.text
+
+
 def test_override_strings_keep_types():
     assert override_strings(
         {"optimizer_args.growth_rate": "inf", "optimizer_args.betas": [0.9, 0.99], "lr_scheduler": "cosine",

@@ -28,7 +28,7 @@ from loralab.train.launch import launch_training
 from loralab.train.loop import LoopHooks
 from loralab.train.run import train
 from loralab.train.sampling import SamplePrompt, parse_prompt_line, read_sample_prompts
-from loralab.train.saving import Cadence, epoch_lora_name, final_lora_name, step_lora_name
+from loralab.train.saving import Cadence, KeepLast, epoch_lora_name, final_lora_name, step_lora_name
 from train_support import CAPTION, lora_tensors, make_dataset, max_tensor_difference, series, tiny_config
 
 SEED_CONFIG = Path(__file__).parent / "data" / "seed" / "config_SD1.5.json"
@@ -210,6 +210,48 @@ def test_save_and_sample_cadence_follow_sd_scripts():
         "me-step00000300.safetensors",
         "me.safetensors",
     )
+
+
+def test_keep_last_n_windows_are_sd_scripts_examples(tmp_path):
+    for step in (10, 20, 30, 40, 50):
+        (tmp_path / step_lora_name("me", step)).write_bytes(b"")
+    for epoch in (2, 4, 6, 8, 10):
+        (tmp_path / epoch_lora_name("me", epoch)).write_bytes(b"")
+    (tmp_path / final_lora_name("me")).write_bytes(b"")
+    (tmp_path / step_lora_name("other", 10)).write_bytes(b"")
+    # Every 10 steps, last 30 steps: at step 50 the files of steps 20-50 remain.
+    assert [p.name for p in KeepLast(steps=30).stale(tmp_path, "me", global_step=50)] == [step_lora_name("me", 10)]
+    # Every 2 epochs, last 3 saves: at epoch 10 the files of epochs 6, 8, 10 remain.
+    stale = KeepLast(epochs=3, every_n_epochs=2).stale(tmp_path, "me", epoch=10)
+    assert [p.name for p in stale] == [epoch_lora_name("me", 2), epoch_lora_name("me", 4)]
+    assert KeepLast().stale(tmp_path, "me", epoch=10, global_step=50) == []  # unset: keep all
+    assert KeepLast(steps=30).stale(tmp_path, "me", epoch=10) == []  # an epoch save prunes only epoch files
+
+
+def test_keep_last_n_saves_prune_older_loras_as_sd_scripts(workspace, tmp_path):
+    """4 epochs of 2 steps, a save every epoch and every 2 steps: sd-scripts' windows keep the 2
+    newest epoch files and the step files of the last 3 steps; the final LoRA and the newest
+    state (what --resume reads) stay."""
+    saves = {"max_train_epochs": 4, "save_every_n_epochs": 1, "save_every_n_steps": 2, "save_state": True}
+    kept_all = train(tiny_config(workspace.checkpoint, workspace.single, **saves), run_dir=tmp_path / "all",
+                     progress="quiet")  # fmt: skip
+    pruned = train(
+        tiny_config(workspace.checkpoint, workspace.single, save_last_n_epochs=2, save_last_n_steps=3, **saves),
+        run_dir=tmp_path / "pruned", progress="quiet",
+    )  # fmt: skip
+    every = [epoch_lora_name("tiny", e) for e in (1, 2, 3)] + [step_lora_name("tiny", s) for s in (2, 4, 6, 8)]
+    assert sorted(p.name for p in kept_all.run_dir.glob("*.safetensors")) == sorted([*every, "tiny.safetensors"])
+    remaining = sorted(
+        [epoch_lora_name("tiny", 2), epoch_lora_name("tiny", 3), step_lora_name("tiny", 6), step_lora_name("tiny", 8),
+         final_lora_name("tiny")]
+    )  # fmt: skip
+    assert sorted(p.name for p in pruned.run_dir.glob("*.safetensors")) == remaining
+    assert sorted(p.name for p in pruned.lora_files) == remaining
+    assert sorted(json.loads((pruned.run_dir / "manifest.json").read_text())["lora_files"]) == remaining
+    assert json.loads((pruned.run_dir / "state" / "progress.json").read_text())["progress"]["global_step"] == 8
+    # Pruning removes files only: the LoRAs it keeps are the ones the unpruned run wrote.
+    for name in remaining:
+        assert max_tensor_difference(lora_tensors(kept_all.run_dir / name), lora_tensors(pruned.run_dir / name)) == 0
 
 
 def test_kohya_prompt_lines_are_parsed():

@@ -52,8 +52,10 @@ GUI_IGNORED: dict[str, str] = {
     "vae_batch_size": "a latent-caching speed option; no effect on the result",
     "mem_eff_attn": "sd-scripts' own attention kernel; loralab uses xformers or sdpa (diffusers)",
     "no_token_padding": "the GUI does not pass it to LoRA training",
-    "save_last_n_steps": "loralab keeps every saved LoRA and state (sweeps compare them)",
-    "save_last_n_steps_state": "loralab keeps every saved LoRA and state (sweeps compare them)",
+    **dict.fromkeys(
+        ("save_last_n_epochs_state", "save_last_n_steps_state"),
+        "loralab keeps only the newest training state (state/, what --resume reads)",
+    ),
     "stop_text_encoder_training": "a percentage the GUI's LoRA tab does not pass to sd-scripts",
     **dict.fromkeys(
         ("num_processes", "num_machines", "multi_gpu", "gpu_ids"),
@@ -161,6 +163,8 @@ _SAME_NAME = (
     "num_cpu_threads_per_process",
     "save_every_n_epochs",
     "save_every_n_steps",
+    "save_last_n_epochs",
+    "save_last_n_steps",
     "sample_every_n_epochs",
     "sample_every_n_steps",
     "sample_sampler",

@@ -234,6 +234,16 @@ class TrainConfig(BaseModel):
         None, ge=0, description="Save a LoRA every N epochs (0/unset: only at the end)."
     )
     save_every_n_steps: int | None = Field(None, ge=0, description="Save a LoRA every N steps (0/unset: off).")
+    save_last_n_epochs: int | None = Field(
+        None,
+        ge=0,
+        description="Keep only the N newest per-epoch LoRA files (0/unset: keep all; sweeps always keep all).",
+    )
+    save_last_n_steps: int | None = Field(
+        None,
+        ge=0,
+        description="Keep only the per-step LoRA files of the last N steps (0/unset: keep all; sweeps keep all).",
+    )
     save_state: bool = Field(False, description="Also save the training state, to resume from.")
     resume: Path | None = Field(None, description="Saved training state to resume from.")
 

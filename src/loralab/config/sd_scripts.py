@@ -64,8 +64,8 @@ SD_SCRIPTS_IGNORED: dict[str, str] = {
         "multi-GPU runs are set up by loralab's accelerate launcher",
     ),
     **dict.fromkeys(
-        ("save_last_n_epochs", "save_last_n_epochs_state", "save_last_n_steps", "save_last_n_steps_state"),
-        "loralab keeps every saved LoRA (sweeps compare them)",
+        ("save_last_n_epochs_state", "save_last_n_steps_state"),
+        "loralab keeps only the newest training state (state/, what --resume reads)",
     ),
     **dict.fromkeys(("console_log_level", "console_log_file", "console_log_simple"), "sd-scripts' console logging"),
     **dict.fromkeys(("config_file", "output_config"), "sd-scripts' command-line plumbing"),

@@ -14,6 +14,10 @@ axis, is one comparison named after the sweep; in a one-at-a-time sweep of sever
 is a comparison and the baseline (with its repeats) appears in each, under the same run name.
 Fields: name, comparison, axis, value, is_baseline, seed_repeat, overrides, config_hash, and
 ``values`` (axis -> label of this run on every axis).
+
+A sweep keeps every LoRA its runs save (the report compares the save points), so
+``save_last_n_epochs`` / ``save_last_n_steps`` set in the baseline or a variant are overridden
+to "keep all", with a warning.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,11 +40,14 @@ from loralab.config.schema import TrainConfig
 from loralab.errors import LoralabError
 from loralab.sweep.spec import SweepError, SweepSpec, canonical_setting, format_label, safe_name
 
+logger = logging.getLogger(__name__)
+
 BASELINE = "baseline"
 EXPANDED_FILE = "expanded.json"
 # Where a run writes is not part of what it trains: these keys stay out of the config hash.
 OUTPUT_KEYS = ("output_dir", "logging_dir", "output_name", "resume")
 SETTING_NAMES_EXTRA = ("optimizer", "optimizer_args.KEY")  # setting names besides the config's fields
+KEEP_EVERY_SAVE = {"save_last_n_epochs": None, "save_last_n_steps": None}
 
 
 @dataclass(frozen=True)
@@ -228,6 +236,7 @@ def expand_sweep(spec: SweepSpec) -> Expansion:
         baseline = load_config(config_path, override_strings(baseline_overrides))
     except LoralabError as exc:
         raise SweepError(f"{spec.source}: baseline: {exc}") from None
+    baseline = keep_every_save(baseline, f"{spec.source}: baseline")
     axes = parse_axes(spec)
     builder = _Builder(spec, baseline)
     if not axes:
@@ -239,6 +248,15 @@ def expand_sweep(spec: SweepSpec) -> Expansion:
             # One axis is the sweep's one comparison (named after the sweep); several are one each.
             _expand_axis(builder, axis, spec.title if len(axes) == 1 else axis.name)
     return Expansion(spec, baseline, axes, tuple(builder.entries))
+
+
+def keep_every_save(config: TrainConfig, where: str) -> TrainConfig:
+    """``config`` with keep-last-N pruning off: a sweep evaluates and reports every save point."""
+    pruning = [key for key in KEEP_EVERY_SAVE if getattr(config, key)]
+    if not pruning:
+        return config
+    logger.warning("%s: %s ignored; a sweep keeps every saved LoRA to compare them", where, ", ".join(pruning))
+    return config.model_copy(update=KEEP_EVERY_SAVE)
 
 
 def _expand_axis(builder: _Builder, axis: Axis, comparison: str) -> None:
@@ -287,7 +305,8 @@ class _Builder:
 
     def configure(self, overrides: Mapping[str, Any], what: str) -> TrainConfig:
         try:
-            return apply_overrides(self.baseline, override_strings(overrides))
+            config = apply_overrides(self.baseline, override_strings(overrides))
+            return keep_every_save(config, f"{self.spec.source}: variant {what}")
         except LoralabError as exc:
             # The config's message names its source (``--set ...: ``); here the variant is the source.
             message = str(exc).split(": ", 1)[1] if str(exc).startswith("--set") else str(exc)

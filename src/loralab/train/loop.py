@@ -52,7 +52,7 @@ from loralab.train.noise import NoiseSettings, draw_noise_and_timesteps
 from loralab.train.optimizer_setup import d_times_lr, group_lrs
 from loralab.train.precision import PrecisionPlan, autocast
 from loralab.train.sampling import SamplePrompt, render_samples, sample_file_name, save_png_atomically
-from loralab.train.saving import Cadence, epoch_lora_name, final_lora_name, save_lora, step_lora_name
+from loralab.train.saving import Cadence, KeepLast, epoch_lora_name, final_lora_name, save_lora, step_lora_name
 from loralab.train.state import TrainingProgress, save_training_state
 from loralab.train.tb_logging import LossRecorder, MetricsLogger, peak_memory_mb, step_scalars
 
@@ -70,17 +70,40 @@ class StepReport:
     loss: float | None  # None when the step was skipped
 
 
+@dataclass(frozen=True)
+class BatchReport:
+    """What the ``on_batch`` hook learns about one batch once its loss weights are known.
+
+    Tensors are this process's rows of the batch, detached; ``per_sample_loss`` is the MSE of
+    each sample before ``weights`` (prior loss, min-SNR, ...) multiply it.
+    """
+
+    global_step: int  # the step being trained, 1-based
+    epoch: int  # 0-based epoch in progress
+    captions: list[str]
+    is_reg: torch.Tensor
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    per_sample_loss: torch.Tensor
+    weights: torch.Tensor
+
+
 @dataclass
 class LoopHooks:
     """Callbacks for tests and embedding applications; a normal run has none.
 
-    ``after_step`` runs on every process after each optimizer step (and its saves);
-    ``loss_transform(global_step, loss)`` may replace a batch's summed loss before backward
-    (``global_step`` is the step being trained, 1-based).
+    ``on_start(session)`` runs once before the first step with everything the run built (to
+    inspect the optimizer, or attach module hooks to the models); ``on_batch`` runs for each
+    batch after its loss weights; ``after_step`` runs on every process after each optimizer
+    step (and its saves); ``loss_transform(global_step, loss)`` may replace a batch's summed
+    loss before backward (``global_step`` is the step being trained, 1-based).
     """
 
     after_step: Callable[[StepReport], None] | None = None
     loss_transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    on_start: Callable[[TrainingSession], None] | None = None
+    on_batch: Callable[[BatchReport], None] | None = None
 
 
 @dataclass
@@ -151,6 +174,8 @@ def train_loop(s: TrainingSession) -> LoopOutcome:
     global_step = s.start.global_step
 
     _set_training_modes(s)
+    if s.hooks.on_start is not None:
+        s.hooks.on_start(s)
     if config.sample_at_first and global_step == 0:
         _sample(s, epoch=None, global_step=0)
 
@@ -209,6 +234,13 @@ def train_loop(s: TrainingSession) -> LoopOutcome:
                 per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                 weights = s.weighting.weights(drawn.timesteps, batch.is_reg.to(device), alphas_cumprod)
                 loss_sum = (per_sample * weights).sum()
+                if s.hooks.on_batch is not None:
+                    s.hooks.on_batch(
+                        BatchReport(
+                            global_step + 1, epoch, list(batch.captions), batch.is_reg, latents.detach(),
+                            drawn.noise.detach(), drawn.timesteps, per_sample.detach(), weights.detach(),
+                        )
+                    )  # fmt: skip
                 if s.hooks.loss_transform is not None:
                     loss_sum = s.hooks.loss_transform(global_step + 1, loss_sum)
                 if not torch.isfinite(loss_sum):
@@ -269,6 +301,7 @@ def train_loop(s: TrainingSession) -> LoopOutcome:
             if saves.after_step(global_step):
                 _save_lora_and_state(s, step_lora_name(config.output_name, global_step), global_step, epoch + 1,
                                      TrainingProgress(global_step, epoch, consumed))  # fmt: skip
+                _remove_old_saves(s, global_step=global_step)
             if samples.after_step(global_step):
                 _sample(s, epoch=None, global_step=global_step)
             if s.hooks.after_step is not None:
@@ -287,6 +320,7 @@ def train_loop(s: TrainingSession) -> LoopOutcome:
         if saves.after_epoch(epochs_done, plan.epochs, including_last=False):
             _save_lora_and_state(s, epoch_lora_name(config.output_name, epochs_done), global_step, epochs_done,
                                  TrainingProgress(global_step, epochs_done, 0))  # fmt: skip
+            _remove_old_saves(s, epoch=epochs_done)
         if samples.after_epoch(epochs_done, plan.epochs, including_last=True):
             _sample(s, epoch=epochs_done, global_step=global_step)
         outcome.epochs_done = epochs_done
@@ -482,6 +516,16 @@ def _save_lora_and_state(
             )
         _optimizer_mode(s.optimizer, "train")
     acc.wait_for_everyone()
+
+
+def _remove_old_saves(s: TrainingSession, *, epoch: int | None = None, global_step: int | None = None) -> None:
+    """``save_last_n_epochs`` / ``save_last_n_steps``: drop the LoRA files that fell out of the
+    window, after the new one is written (main process; the others wait at the next save)."""
+    if not s.accelerator.is_main_process:
+        return
+    keep = KeepLast.from_config(s.config)
+    removed = keep.prune(s.run_dir, s.config.output_name, epoch=epoch, global_step=global_step)
+    s.lora_files[:] = [path for path in s.lora_files if path not in removed]
 
 
 def _sample(s: TrainingSession, *, epoch: int | None, global_step: int) -> None:

@@ -489,7 +489,7 @@ def _finish_manifest(
     if error is not None:
         manifest["error"] = f"{type(error).__name__}: {error}"
     names = relative_names(session.lora_files, run_dir)
-    manifest["lora_files"] = list(dict.fromkeys(manifest.get("lora_files", []) + names))
+    manifest["lora_files"] = [n for n in dict.fromkeys(manifest.get("lora_files", []) + names) if (run_dir / n).is_file()]
     timings = manifest.setdefault("timings", {})
     timings.update({"setup_seconds": setup_seconds, "total_seconds": now - launched_at})
     if outcome is not None and outcome.first_step_finished_at is not None:

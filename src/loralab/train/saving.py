@@ -8,9 +8,21 @@ File names are sd-scripts' so existing habits and scripts keep working:
   name of the LoRA saved when a run is interrupted);
 - at the end: ``<output_name>.safetensors``.
 
-Every saved LoRA is kept (sweeps compare them); ``save_every_n_*`` of 0 or unset means off.
-Samples use the same cadence rules (``sample_every_n_*``), except that the last epoch is
-sampled too.
+``save_every_n_*`` of 0 or unset means off. Samples use the same cadence rules
+(``sample_every_n_*``), except that the last epoch is sampled too.
+
+Every saved LoRA is kept unless ``save_last_n_epochs`` / ``save_last_n_steps`` say otherwise
+(sweeps always keep all: they compare the save points). Those prune as sd-scripts does:
+
+- ``save_last_n_epochs = N`` keeps the N newest per-epoch files: after the save at epoch ``e``,
+  per-epoch files of epochs ``<= e - save_every_n_epochs * N`` are removed;
+- ``save_last_n_steps = N`` is a window of *steps*, not a count of files: after the save at
+  step ``s``, per-step files of steps ``< s - N`` are removed (every 10 steps, last 30: at step
+  50 the files of steps 20-50 remain).
+
+Pruning runs only after the new file is in place, removes whole files (an unlink is atomic),
+and never touches the final ``<output_name>.safetensors``; it scans the run directory, so files
+written before a resume are pruned by the same rule.
 
 The metadata is what sd-scripts writes (``ss_*`` training fields, ``modelspec.*``, hashes),
 built once when the run starts (:func:`training_metadata`) and completed at each save with
@@ -19,6 +31,8 @@ the step, epoch and time (:func:`save_lora`).
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -33,6 +47,8 @@ from loralab.models.loading import StableDiffusionComponents
 from loralab.network.lora import LoRANetwork, NetworkSpec
 from loralab.network.lora_file import build_lora_metadata, save_lora_file
 from loralab.plan.planner import Plan
+
+logger = logging.getLogger(__name__)
 
 LORA_SUFFIX = ".safetensors"
 
@@ -68,6 +84,63 @@ class Cadence:
         if not self.every_n_epochs or epochs_done % self.every_n_epochs:
             return False
         return including_last or epochs_done < total_epochs
+
+
+@dataclass(frozen=True)
+class KeepLast:
+    """sd-scripts' keep-last-N of intermediate LoRA files (see the module docstring).
+
+    ``epochs``: how many per-epoch files to keep; ``steps``: the window of steps whose per-step
+    files are kept; ``every_n_epochs``: the epoch cadence the epoch count is measured in.
+    None or 0 keeps every file.
+    """
+
+    epochs: int | None = None
+    steps: int | None = None
+    every_n_epochs: int | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> KeepLast:
+        return cls(config.save_last_n_epochs, config.save_last_n_steps, config.save_every_n_epochs)
+
+    def stale(
+        self, directory: Path, output_name: str, *, epoch: int | None = None, global_step: int | None = None
+    ) -> list[Path]:
+        """The files in ``directory`` that fall out of the window once the save at ``epoch``
+        (a per-epoch save) or ``global_step`` (a per-step save) is written, oldest first."""
+        if epoch is not None and self.epochs and self.every_n_epochs:
+            oldest_kept = epoch - self.every_n_epochs * self.epochs + 1
+            return [path for number, path in _numbered_saves(directory, output_name, "") if number < oldest_kept]
+        if global_step is not None and self.steps:
+            oldest_kept = global_step - self.steps
+            return [path for number, path in _numbered_saves(directory, output_name, "step") if number < oldest_kept]
+        return []
+
+    def prune(
+        self, directory: Path, output_name: str, *, epoch: int | None = None, global_step: int | None = None
+    ) -> list[Path]:
+        """Remove :meth:`stale` files; returns the paths removed."""
+        removed = []
+        for path in self.stale(directory, output_name, epoch=epoch, global_step=global_step):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue  # already gone (removed by hand): nothing to keep or report
+            logger.info("removed %s (save_last_n_%s)", path.name, "epochs" if epoch is not None else "steps")
+            removed.append(path)
+        return removed
+
+
+def _numbered_saves(directory: Path, output_name: str, kind: str) -> list[tuple[int, Path]]:
+    """``(number, path)`` of the run's per-epoch (``kind=""``) or per-step (``"step"``) files, by number."""
+    digits = 8 if kind else 6  # the widths epoch_lora_name and step_lora_name write (wider numbers too)
+    pattern = re.compile(rf"{re.escape(output_name)}-{kind}(\d{{{digits},}}){re.escape(LORA_SUFFIX)}")
+    found = []
+    for path in Path(directory).iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
 
 
 def optimizer_description(optimizer: torch.optim.Optimizer, optimizer_args: Mapping[str, Any]) -> str:
@@ -203,4 +276,3 @@ def save_lora(
     final["ss_epoch"] = str(epoch)
     final["ss_training_finished_at"] = str(time.time())
     return save_lora_file(path, network.state_dict(), final, dtype)
-
