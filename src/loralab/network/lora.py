@@ -100,7 +100,14 @@ class LoRAModule(nn.Module):
             self.lora_up = nn.Linear(rank, layer.out_features, bias=False, **factory)
         else:
             raise TypeError(f"LoRA adapts Linear and Conv2d layers, not {type(layer).__name__}")
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5), generator=generator)
+        # Drawn where the generator lives (the CPU for a seeded run) and copied over, so a seed gives
+        # the same initial LoRA on every device.
+        initial_down = torch.empty(
+            self.lora_down.weight.shape, dtype=torch.float32, device=generator.device if generator else device
+        )
+        nn.init.kaiming_uniform_(initial_down, a=math.sqrt(5), generator=generator)
+        with torch.no_grad():
+            self.lora_down.weight.copy_(initial_down)
         nn.init.zeros_(self.lora_up.weight)
         self.rank = rank
         alpha = float(rank) if not alpha else float(alpha)

@@ -101,7 +101,8 @@ class LossWeighting:
         """
         if alphas_cumprod is None:
             alphas_cumprod = scaled_linear_alphas_cumprod()
-        snr = snr_from_alphas_cumprod(alphas_cumprod)[timesteps.long().cpu()]
+        # Computed on the CPU (a handful of numbers), returned on the timesteps' device.
+        snr = snr_from_alphas_cumprod(alphas_cumprod.cpu())[timesteps.long().cpu()]
         weight = torch.ones_like(snr)
         if is_reg is not None:
             prior = torch.where(is_reg.bool().cpu(), self.prior_loss_weight, 1.0).to(weight.dtype)
