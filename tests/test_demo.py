@@ -1,5 +1,6 @@
 """``loralab demo --quick`` end to end: the LoRA draws the toy subject with the trigger on both toy
-checkpoints, not without it, and the report's pages reference only images that exist."""
+checkpoints, not without it, and the report's pages reference only images that exist; and the
+demo's class images (prior preservation) on their own."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import re
 import pytest
 
 from loralab.cli.main import main
+from loralab.config import load_config
 from loralab.demo.settings import CHECKPOINT_LABELS
+from loralab.sweep.evaluate import remove_trigger
+from loralab.toy import world
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +36,6 @@ def _baseline_rows(demo_dir):
     return {row["checkpoint"]: row for row in rows if row["run"] == "baseline" and row["save_point"] == "final"}
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="not yet reliable: with the earlier toy checkpoints the LoRA lifted likeness by only 0.04-0.15 "
-    "(issue 8 stays open until this passes every time)",
-)
 def test_subject_appears_with_the_trigger_on_both_checkpoints(demo_dir):
     rows = _baseline_rows(demo_dir)
     assert set(rows) == set(CHECKPOINT_LABELS)
@@ -44,14 +43,30 @@ def test_subject_appears_with_the_trigger_on_both_checkpoints(demo_dir):
         assert row["with_trigger"] - row["base_with_trigger"] >= MIN_GAIN, (checkpoint, row)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="the demo LoRA bleeds into the class word: without the trigger likeness rises almost as much as "
-    "with it (0.56 vs 0.57 on toy_alt); issue 8 stays open until this passes",
-)
 def test_no_concept_bleed_without_the_trigger(demo_dir):
     for checkpoint, row in _baseline_rows(demo_dir).items():
         assert row["without_trigger"] - row["base_without_trigger"] < MAX_LEAK, (checkpoint, row)
+
+
+def test_prompts_without_the_trigger_keep_the_class_word(demo_dir):
+    # Bleed is judged as a person would: the same prompts and seeds with only the trigger taken out.
+    entries = json.loads((demo_dir / "sweep" / "eval" / "baseline" / "final" / "index.json").read_text())
+    with_trigger = {(e["checkpoint"], e["prompt"], e["seed"]) for e in entries if e["trigger"]}
+    without = [e for e in entries if not e["trigger"]]
+    assert without and len(without) == len(with_trigger)
+    for entry in without:
+        assert f"{world.SUBJECT_TRIGGER} " not in entry["prompt"] and world.SUBJECT_CLASS in entry["prompt"].split()
+        assert (entry["checkpoint"], f"{world.SUBJECT_TRIGGER} {entry['prompt']}", entry["seed"]) in with_trigger
+
+
+def test_training_used_class_images_from_the_base_model(demo_dir):
+    captions = sorted(p.read_text().strip() for p in (demo_dir / "dataset" / "img").glob("*/*.caption"))
+    class_dir = demo_dir / "class" / f"1_{world.SUBJECT_CLASS}"
+    class_captions = sorted(p.read_text().strip() for p in class_dir.glob("*.caption"))
+    assert class_captions == sorted(remove_trigger(c, world.SUBJECT_TRIGGER) for c in captions)
+    assert len(list(class_dir.glob("*.png"))) == len(captions)
+    config = load_config(demo_dir / "config" / "baseline.toml")
+    assert config.reg_data_dir == (demo_dir / "class").resolve() and config.prior_loss_weight > 0
 
 
 def test_scores_reach_the_results(demo_dir):

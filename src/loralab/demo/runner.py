@@ -4,6 +4,8 @@ Layout of the demo folder::
 
     OUT/photos/     toy photos of the subject with .txt captions ("blh ring on ..., top left")
     OUT/dataset/    what ``loralab prepare`` made of them (img/1_blh ring/)
+    OUT/class/      class images for prior preservation (1_ring/): the photos' captions without
+                    the trigger, drawn by the base checkpoint
     OUT/config/     baseline.toml (the guide's settings, toy-sized) and sweep.toml
     OUT/sweep/      the sweep folder: runs, eval images, scores, results, report/index.html
     OUT/sweep/likeness.json   toy likeness per run and checkpoint, against the checkpoint alone
@@ -24,8 +26,19 @@ from PIL import Image
 from tqdm import tqdm
 
 from loralab.data.prepare import PrepareOptions, prepare_dataset
+from loralab.demo.class_images import class_prompts, render_class_images
 from loralab.demo.likeness_gain import GAINS_FILE, LikenessGain, format_gains, likeness_gains, toy_scorers, write_gains
-from loralab.demo.settings import FULL, PHOTO_SIZE, QUICK, DemoSize, write_sweep_files
+from loralab.demo.settings import (
+    CPU_THREADS,
+    FULL,
+    PHOTO_SIZE,
+    QUICK,
+    SAMPLE_CFG,
+    SAMPLER,
+    TOY_CLIP_SKIP,
+    DemoSize,
+    write_sweep_files,
+)
 from loralab.errors import LoralabError
 from loralab.toy import world
 
@@ -84,13 +97,18 @@ def run_demo(out_dir: Path, quick: bool = False, printer: Printer = print) -> De
     if out_dir.exists() and not out_dir.is_dir():
         raise DemoError(f"{out_dir} is a file; give --out a folder to write the demo into")
     size: DemoSize = QUICK if quick else FULL
-    stages = tqdm(total=5, desc="demo", unit="stage", file=sys.stderr, position=0)
+    stages = tqdm(total=6, desc="demo", unit="stage", file=sys.stderr, position=0)
     try:
         photos = render_photos(out_dir / "photos", size.photos)
         stages.update()
         img_dir = prepare_photos(photos, out_dir / "dataset")
         stages.update()
-        sweep_file = write_sweep_files(out_dir / "config", img_dir.resolve(), size)
+        reg_dir = render_class_images(
+            out_dir / "class", class_prompts(img_dir, ".caption"),
+            steps=size.sample_steps, cfg=SAMPLE_CFG, sampler=SAMPLER, clip_skip=TOY_CLIP_SKIP, threads=CPU_THREADS,
+        )  # fmt: skip
+        stages.update()
+        sweep_file = write_sweep_files(out_dir / "config", img_dir.resolve(), reg_dir.resolve(), size)
         sweep_dir = out_dir / "sweep"
         summary = run_sweep(SweepOptions(file=sweep_file, out=sweep_dir, progress="bar"), printer=printer)
         stages.update()

@@ -2,7 +2,9 @@
 
 The baseline follows the guide's SD1.5 config (DAdaptAdam at learning rate 1.0 with the guide's
 optimizer arguments, cosine schedule, min-SNR 5, network alpha 1) with its sizes scaled down to
-the toy model: 32 px images and a rank that suits a UNet 64-128 channels wide.
+the toy model: 32 px images and a rank that suits a UNet 64-128 channels wide. It trains with
+class images (``reg_data_dir``, ``prior_loss_weight``) so the subject stays with its trigger: without
+them the LoRA draws the subject for any "ring" prompt (see ``loralab.demo.class_images``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ GUIDE_OPTIMIZER_ARGS: dict[str, Any] = {
 # The toy text encoder has 3 layers and was pretrained on its last one: clip skip 1. (The guide's
 # 2 suits checkpoints trained on the penultimate layer of a 12-layer encoder.)
 TOY_CLIP_SKIP = 1
+CPU_THREADS = 1  # the toy model is too small to gain from more; on a shared CPU they only wait
 PHOTO_SIZE = 64  # rendered "photos"; prepare's smallest resolution, training scales them to 32 px
 CHECKPOINT_LABELS = {"toy_base": "base", "toy_alt": "alt"}  # eval label -> shipped toy checkpoint
 
@@ -64,13 +67,19 @@ EVAL_PROMPTS = (
     f"{world.SUBJECT_TRIGGER} {world.SUBJECT_CLASS} on a blue to white gradient background, center",
 )
 SAMPLE_CFG = 5.0  # the toy checkpoints' README: guidance about 5
+SAMPLER = "ddim"
+# Prior preservation: the class images (see loralab.demo.class_images) weigh as much as the photos,
+# sd-scripts' and DreamBooth's default.
+PRIOR_LOSS_WEIGHT = 1.0
 
 
-def baseline_config(dataset_img_dir: Path, size: DemoSize) -> TrainConfig:
-    """The demo's baseline: the guide's optimizer and schedule, toy-sized."""
+def baseline_config(dataset_img_dir: Path, reg_dir: Path, size: DemoSize) -> TrainConfig:
+    """The demo's baseline: the guide's optimizer and schedule, toy-sized, with class images."""
     return TrainConfig(
         pretrained_model_name_or_path=str(toy_checkpoint("base")),
         train_data_dir=dataset_img_dir,
+        reg_data_dir=reg_dir,
+        prior_loss_weight=PRIOR_LOSS_WEIGHT,
         caption_extension=".caption",
         resolution=(RESOLUTION, RESOLUTION),
         train_batch_size=size.batch_size,
@@ -86,7 +95,7 @@ def baseline_config(dataset_img_dir: Path, size: DemoSize) -> TrainConfig:
         clip_skip=TOY_CLIP_SKIP,
         cache_latents=True,
         max_data_loader_n_workers=0,
-        num_cpu_threads_per_process=1,
+        num_cpu_threads_per_process=CPU_THREADS,
         seed=42,
     )
 
@@ -97,7 +106,9 @@ def _toml_list(values: tuple[Any, ...] | list[Any]) -> str:
 
 def sweep_toml(baseline_path: Path, size: DemoSize) -> str:
     """The demo's sweep file: network rank and optimizer, one at a time, on both toy checkpoints."""
-    checkpoints = ", ".join(f'{label} = "{toy_checkpoint(name).as_posix()}"' for label, name in CHECKPOINT_LABELS.items())  # noqa: E501
+    checkpoints = ", ".join(
+        f'{label} = "{toy_checkpoint(name).as_posix()}"' for label, name in CHECKPOINT_LABELS.items()
+    )
     return f"""\
 name = "Toy demo"
 description = "The guide's baseline on the toy subject: network rank, and DAdaptAdam against Prodigy"
@@ -116,7 +127,7 @@ Prodigy = {{ optimizer = "Prodigy", "optimizer_args.betas" = "", "optimizer_args
 [evaluation]
 checkpoints = {{ {checkpoints} }}
 prompts = {{ subject = {_toml_list(list(EVAL_PROMPTS))} }}
-sampler = "ddim"
+sampler = "{SAMPLER}"
 steps = {size.sample_steps}
 cfg = {SAMPLE_CFG}
 seeds = {_toml_list(list(size.seeds))}
@@ -126,11 +137,11 @@ without_trigger = true
 """
 
 
-def write_sweep_files(folder: Path, dataset_img_dir: Path, size: DemoSize) -> Path:
+def write_sweep_files(folder: Path, dataset_img_dir: Path, reg_dir: Path, size: DemoSize) -> Path:
     """Write ``baseline.toml`` and ``sweep.toml`` into ``folder``; returns the sweep file."""
     folder.mkdir(parents=True, exist_ok=True)
     baseline = folder / "baseline.toml"
-    save_config(baseline_config(dataset_img_dir, size), baseline)
+    save_config(baseline_config(dataset_img_dir, reg_dir, size), baseline)
     sweep = folder / "sweep.toml"
     temporary = sweep.with_name(f".{sweep.name}.tmp")
     temporary.write_text(sweep_toml(baseline, size), encoding="utf-8")
