@@ -48,11 +48,11 @@ from PIL import Image
 from loralab.models.family import ModelFamily
 from loralab.models.loading import StableDiffusionComponents, load_vae
 from loralab.models.saving import save_single_file
+from loralab.sample.generator import build_pipeline
 from loralab.toy import model as toy_model
 from loralab.toy import world
 from loralab.train.conditioning import encode_text, tokenize_captions
 from loralab.train.loss_weighting import min_snr_weight, snr_from_alphas_cumprod
-from loralab.train.sampling import build_pipeline, make_sampler
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "src" / "loralab" / "toy" / "checkpoints"
@@ -418,7 +418,9 @@ def train_denoiser(
 @torch.no_grad()
 def save_preview(components: StableDiffusionComponents, path: Path, seeds: Sequence[int] = (0, 1, 2, 3)) -> None:
     """A grid: one row per preview prompt, one column per seed (prompt order as PREVIEW_PROMPTS)."""
-    pipeline = build_pipeline(components, make_sampler("ddim", components.noise_scheduler))
+    from diffusers import DDIMScheduler
+
+    pipeline = build_pipeline(components, DDIMScheduler.from_config(components.noise_scheduler.config))
     size = toy_model.RESOLUTION
     rows = []
     for prompt in PREVIEW_PROMPTS:

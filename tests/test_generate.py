@@ -109,6 +109,38 @@ def test_lora_by_tag_equals_lora_by_option_and_weight_zero_is_no_lora(files) -> 
     assert loader.calls == [files["a"], files["b"]]
 
 
+def test_cli_lora_option_equals_the_same_lora_as_a_prompt_tag(files, tmp_path: Path) -> None:
+    common = ["generate", "--checkpoint", str(files["a"]), "--steps", "2", "--width", "64", "--height", "64",
+              "--seed", "4", "--lora-dir", str(files["loras"])]  # fmt: skip
+    assert main([*common, "--prompt", "a dog <lora:x:1.0>", "--out", str(tmp_path / "tag")]) == 0
+    assert main([*common, "--prompt", "a dog", "--lora", "x:1.0", "--out", str(tmp_path / "option")]) == 0
+    assert main([*common, "--prompt", "a dog", "--out", str(tmp_path / "none")]) == 0
+    tag, option, none = (np.asarray(Image.open(next((tmp_path / d).glob("*.png")))) for d in ("tag", "option", "none"))
+    assert np.array_equal(tag, option) and not np.array_equal(tag, none)
+
+
+def test_training_samples_are_what_generate_makes(files) -> None:
+    from loralab.train.sampling import SamplePrompt, render_samples
+
+    components = load_checkpoint(files["a"])
+    prompts = [
+        SamplePrompt("a (dog:1.2), beach", "blurry", steps=2, scale=5.0),
+        SamplePrompt("a cat", width=56, steps=2),
+    ]
+    samples = render_samples(components, prompts, sampler="euler_a", resolution=(64, 48), base_seed=10)
+    assert [image.size for image in samples] == [(64, 48), (56, 48)]
+    made = GenerationEngine().generate([
+        _request(files["a"], prompt="a (dog:1.2), beach", steps=2, cfg_scale=5.0, width=64, height=48, seed=10,
+                 sampler="Euler a"),
+        _request(files["a"], prompt="a cat", negative_prompt="", steps=2, cfg_scale=7.5, width=56, height=48, seed=11,
+                 sampler="Euler a"),
+    ])  # fmt: skip
+    for sample, image in zip(samples, made):
+        assert np.array_equal(_pixels(sample), _pixels(image))
+        parsed = GenerationParameters.from_text(sample.info["parameters"])
+        assert (parsed.prompt, parsed.seed, parsed.steps) == (image.parameters.prompt, image.request.seed, 2)
+
+
 def test_png_parameters_parse_back_into_the_same_settings(files, tmp_path: Path) -> None:
     engine = GenerationEngine(lora_dir=files["loras"])
     request = _request(
@@ -170,12 +202,26 @@ def test_3x3x2_plot_loads_each_checkpoint_once_and_labels_its_grids(files, tmp_p
     for cell in index["cells"]:
         assert (tmp_path / "xyz" / cell["file"]).is_file()
 
-    grid = Image.open(result.grids[0])
-    # Three 64 px columns and rows plus label bands at a legible size.
-    assert grid.width > 3 * 64 and grid.height > 3 * 64 + MIN_FONT_SIZE
-    band = np.asarray(grid.convert("L"))[: grid.height - 3 * 64, :]
-    assert (band < 128).sum() > 200  # the title and column labels are drawn in dark ink
-    grid.save("/tmp/loralab_xyz_grid.png")
+    # Each written grid has the layout of its labels at a legible font size: title and column labels
+    # above, row labels to the left, each line of text drawn at least ~60% of the font size tall.
+    blank = Image.new("RGB", (64, 64), (255, 255, 255))
+    for z, path in enumerate(result.grids):
+        grid = Image.open(path)
+        expected, layout = draw_grid(
+            [[blank] * 3] * 3,
+            column_labels=["CFG: 3", "CFG: 5", "CFG: 7"],
+            row_labels=["LoRA weight: none", "LoRA weight: 0.5", "LoRA weight: 1"],
+            title=f"Checkpoint: model_{'ab'[z]}",
+        )
+        assert grid.size == expected.size and layout.font_size >= MIN_FONT_SIZE
+        assert np.array_equal(np.asarray(grid)[: layout.top_band], np.asarray(expected)[: layout.top_band])
+        assert np.array_equal(np.asarray(grid)[:, : layout.left_band], np.asarray(expected)[:, : layout.left_band])
+        ink = np.asarray(grid.convert("L")) < 100
+        assert np.flatnonzero(ink[: layout.top_band].any(axis=1)).size >= 2 * 0.6 * layout.font_size  # 2 lines
+        for row in range(3):
+            top = layout.top_band + row * 64
+            row_ink = ink[top : top + 64, : layout.left_band]
+            assert np.flatnonzero(row_ink.any(axis=1)).size >= 0.6 * layout.font_size
 
 
 def test_grid_labels_are_drawn_at_a_legible_size() -> None:

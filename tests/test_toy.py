@@ -7,15 +7,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler
 from safetensors import safe_open
 
 from loralab.errors import CheckpointError
 from loralab.models.family import ModelFamily
 from loralab.models.loading import load_checkpoint
 from loralab.models.tokenizer import load_clip_tokenizer
+from loralab.sample.generator import build_pipeline
 from loralab.toy import likeness, world
 from loralab.toy import model as toy_model
-from loralab.train.sampling import build_pipeline, make_sampler
 
 # ---------------------------------------------------------------------------------------------
 # World
@@ -145,7 +146,7 @@ def test_unknown_toy_checkpoint_is_a_clear_error():
 
 
 def _draw(components, prompt: str, seeds=(0, 1, 2, 3)) -> list[np.ndarray]:
-    pipeline = build_pipeline(components, make_sampler("ddim", components.noise_scheduler))
+    pipeline = build_pipeline(components, DDIMScheduler.from_config(components.noise_scheduler.config))
     size = toy_model.RESOLUTION
     images = pipeline(
         prompt=[prompt] * len(seeds),

@@ -7,7 +7,7 @@ training. Options follow the prompt, each introduced by `` --``, as sd-scripts r
 option     meaning                        as read
 =========  =============================  =====================================================
 ``--n``    negative prompt                the rest of that option's text
-``--w``    width                          rounded down to a multiple of 8, at least 64
+``--w``    width                          rounded down to a multiple of 8, at least 8
 ``--h``    height                         (same)
 ``--l``    CFG scale                      a number
 ``--s``    steps                          kept between 1 and 1000
@@ -30,7 +30,7 @@ from loralab.errors import ConfigError
 from loralab.sample.samplers import resolve_sampler
 
 MAX_STEPS = 1000
-MIN_SIDE = 64
+MIN_SIDE = 8  # sd-scripts floors at 64; any multiple of 8 renders, and small test models use less
 
 
 @dataclass(frozen=True)

@@ -546,7 +546,6 @@ def _sample(s: TrainingSession, *, epoch: int | None, global_step: int) -> None:
                     resolution=tuple(s.config.resolution),
                     base_seed=s.config.seed,
                     clip_skip=s.config.clip_skip,
-                    max_token_length=s.config.max_token_length,
                 )
         for index, image in enumerate(images):
             name = sample_file_name(s.config.output_name, index, epoch=epoch, global_step=global_step)

@@ -1,6 +1,6 @@
-"""Sample images while training: kohya prompt lines rendered with diffusers' pipelines.
+"""Sample images while training: kohya prompt lines rendered by ``loralab generate``'s engine.
 
-A prompt line is kohya's: the prompt, then options separated by `` --``::
+A prompt line is kohya's (read by ``loralab.sample.prompt_file``, the one parser of the syntax)::
 
     a photo of blh woman, beach --n low quality --w 512 --h 768 --l 7 --s 28 --d 5 --ss euler_a
 
@@ -11,56 +11,39 @@ the size defaults to the training resolution (not 512, which suits no SDXL model
 without ``--d`` gets the seed ``config.seed + line index`` (not a random one), so the samples
 of two runs can be compared image by image.
 
-The images come from diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``
-assembled from the loaded components (nothing is downloaded), with the LoRA applied as it is
-trained and the prompts encoded by the training code; each image is saved as a PNG in
-``samples/`` and logged to TensorBoard.
+The images come from ``loralab.sample.generator.GenerationEngine`` rendering on the components
+being trained (nothing is loaded or downloaded), with the LoRA applied as it is trained. So a
+sample is the image ``loralab generate`` makes from the same prompt, seed and settings with the
+LoRA saved at that point at weight 1: prompts are read with A1111's syntax (attention weights,
+long prompts in 75-token chunks, as sd-scripts' own long-prompt sampling pipeline reads them) and
+samplers follow A1111's schedules. Each image carries its A1111 ``parameters`` text
+(``image.info``), which :func:`save_png_atomically` writes into the PNG.
 """
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
+from PIL import Image
 
 from loralab.errors import ConfigError
-from loralab.models.family import ModelFamily
 from loralab.models.loading import StableDiffusionComponents
-from loralab.train.conditioning import effective_clip_skip, encode_text, tokenize_captions
+from loralab.sample.generator import GenerationEngine, ImageRequest
+from loralab.sample.png_info import PARAMETERS_KEY, save_png
+from loralab.sample.prompt_file import PromptLine, parse_prompt_lines
+from loralab.sample.prompt_file import parse_prompt_line as parse_kohya_line
+from loralab.sample.samplers import SamplerError
 
 DEFAULT_SCALE = 7.5
 DEFAULT_STEPS = 30
-MAX_STEPS = 1000
-
-# sd-scripts' sampler names -> (diffusers scheduler class, extra config).
-SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "k_lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "k_euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "k_euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpm_2": ("KDPM2DiscreteScheduler", {}),
-    "k_dpm_2": ("KDPM2DiscreteScheduler", {}),
-    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "k_dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
-}
 
 
 @dataclass(frozen=True)
 class SamplePrompt:
-    """One sample image to render."""
+    """One sample image to render: a prompt line with training's defaults filled in."""
 
     prompt: str
     negative_prompt: str = ""
@@ -71,16 +54,23 @@ class SamplePrompt:
     seed: int | None = None  # None: the run's seed + the line's index
     sampler: str | None = None  # None: the run's sample_sampler
 
+    @classmethod
+    def from_line(cls, line: PromptLine) -> SamplePrompt:
+        return cls(
+            prompt=line.prompt,
+            negative_prompt=line.negative_prompt or "",
+            width=line.width,
+            height=line.height,
+            scale=DEFAULT_SCALE if line.cfg_scale is None else line.cfg_scale,
+            steps=DEFAULT_STEPS if line.steps is None else line.steps,
+            seed=line.seed,
+            sampler=line.sampler,
+        )
 
-_OPTIONS = (
-    ("ss", re.compile(r"ss (.+)", re.IGNORECASE)),
-    ("w", re.compile(r"w (\d+)", re.IGNORECASE)),
-    ("h", re.compile(r"h (\d+)", re.IGNORECASE)),
-    ("d", re.compile(r"d (\d+)", re.IGNORECASE)),
-    ("s", re.compile(r"s (\d+)", re.IGNORECASE)),
-    ("l", re.compile(r"l ([\d.]+)", re.IGNORECASE)),
-    ("n", re.compile(r"n (.*)", re.IGNORECASE | re.DOTALL)),
-)
+
+def _as_config_error(exc: SamplerError) -> ConfigError:
+    # In training, a prompt line is part of the run's configuration.
+    return ConfigError(f"sample_prompts: {exc}")
 
 
 def parse_prompt_line(line: str) -> SamplePrompt:
@@ -88,30 +78,10 @@ def parse_prompt_line(line: str) -> SamplePrompt:
 
     Unknown options are ignored, as sd-scripts does; an unknown sampler raises ``ConfigError``.
     """
-    prompt, *options = line.strip().split(" --")
-    values: dict[str, Any] = {"prompt": prompt.strip()}
-    for option in options:
-        for key, pattern in _OPTIONS:
-            match = pattern.fullmatch(option.strip())
-            if match is None:
-                continue
-            text = match.group(1).strip()
-            if key == "ss":
-                if text not in SAMPLERS:
-                    raise ConfigError(f"sample prompt sampler --ss {text!r} is unknown; use one of {', '.join(SAMPLERS)}")
-                values["sampler"] = text
-            elif key in ("w", "h"):
-                values["width" if key == "w" else "height"] = max(8, int(text) - int(text) % 8)
-            elif key == "d":
-                values["seed"] = int(text)
-            elif key == "s":
-                values["steps"] = min(max(int(text), 1), MAX_STEPS)
-            elif key == "l":
-                values["scale"] = float(text)
-            else:
-                values["negative_prompt"] = text
-            break
-    return SamplePrompt(**values)
+    try:
+        return SamplePrompt.from_line(parse_kohya_line(line))
+    except SamplerError as exc:
+        raise _as_config_error(exc) from None
 
 
 def read_sample_prompts(sample_prompts: Sequence[str] | Path | None) -> list[SamplePrompt]:
@@ -130,78 +100,10 @@ def read_sample_prompts(sample_prompts: Sequence[str] | Path | None) -> list[Sam
             raise ConfigError(f"cannot read sample_prompts file {sample_prompts}: {exc.strerror}") from None
     else:
         lines = list(sample_prompts)
-    return [parse_prompt_line(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
-
-
-def make_sampler(name: str, training_scheduler: Any) -> Any:
-    """A diffusers scheduler for sd-scripts' sampler ``name``, on the model's own noise schedule."""
-    import diffusers
-
-    if name not in SAMPLERS:
-        raise ConfigError(f"sample_sampler {name!r} is unknown; use one of {', '.join(SAMPLERS)}")
-    class_name, extra = SAMPLERS[name]
-    return getattr(diffusers, class_name).from_config(training_scheduler.config, **extra)
-
-
-def build_pipeline(components: StableDiffusionComponents, scheduler: Any) -> Any:
-    """A diffusers text-to-image pipeline over the run's own modules (no copies, no download)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    if components.family is ModelFamily.SDXL:
-        pipeline = StableDiffusionXLPipeline(
-            vae=components.vae,
-            text_encoder=components.text_encoders[0],
-            text_encoder_2=components.text_encoders[1],
-            tokenizer=components.tokenizers[0],
-            tokenizer_2=components.tokenizers[1],
-            unet=components.unet,
-            scheduler=scheduler,
-            add_watermarker=False,
-        )
-    else:
-        pipeline = StableDiffusionPipeline(
-            vae=components.vae,
-            text_encoder=components.text_encoders[0],
-            tokenizer=components.tokenizers[0],
-            unet=components.unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-def _prompt_embeddings(
-    components: StableDiffusionComponents, text: str, *, clip_skip: int | None, max_token_length: int | None
-) -> dict[str, torch.Tensor]:
-    """The pipeline's ``prompt_embeds`` (and SDXL's ``pooled_prompt_embeds``) for ``text``, encoded
-    exactly as training conditions the UNet (clip skip, long-prompt chunks)."""
-    ids = [tokenize_captions(tokenizer, [text], max_token_length) for tokenizer in components.tokenizers]
-    conditioning = encode_text(
-        components.family,
-        components.text_encoders,
-        ids,
-        eos_token_ids=[tokenizer.eos_token_id for tokenizer in components.tokenizers],
-        clip_skip=effective_clip_skip(components.family, clip_skip),
-    )
-    embeddings = {"prompt_embeds": conditioning.encoder_hidden_states}
-    if conditioning.pooled is not None:
-        embeddings["pooled_prompt_embeds"] = conditioning.pooled
-    return embeddings
-
-
-def _negative_embeddings(
-    components: StableDiffusionComponents, text: str, *, clip_skip: int | None, max_token_length: int | None
-) -> dict[str, torch.Tensor]:
-    if not text and components.family is ModelFamily.SDXL:
-        # SDXL was trained to see zeros, not the empty prompt's encoding, as the unconditional input
-        # (diffusers' force_zeros_for_empty_prompt).
-        positive = _prompt_embeddings(components, "", clip_skip=clip_skip, max_token_length=max_token_length)
-        return {f"negative_{name}": torch.zeros_like(value) for name, value in positive.items()}
-    negative = _prompt_embeddings(components, text, clip_skip=clip_skip, max_token_length=max_token_length)
-    return {f"negative_{name}": value for name, value in negative.items()}
+    try:
+        return [SamplePrompt.from_line(line) for line in parse_prompt_lines(lines)]
+    except SamplerError as exc:
+        raise _as_config_error(exc) from None
 
 
 @torch.no_grad()
@@ -213,39 +115,36 @@ def render_samples(
     resolution: tuple[int, int],
     base_seed: int,
     clip_skip: int | None = None,
-    max_token_length: int | None = None,
-) -> list[Any]:
+) -> list[Image.Image]:
     """Render ``prompts`` with the current weights; returns PIL images in prompt order.
 
-    Prompts are encoded by the training code (so clip skip and 150/225-token prompts mean what
-    they meant in training) and handed to the pipeline as embeddings. The caller puts the models
-    in eval mode. Random draws use a generator per image, so the training run's random state is
-    left as it was.
+    The caller puts the models in eval mode. Random draws use a generator per image, so the
+    training run's random state is left as it was; the components are left as they were.
     """
-    pipelines: dict[str, Any] = {}
-    images = []
-    for index, prompt in enumerate(prompts):
-        name = prompt.sampler or sampler
-        if name not in pipelines:
-            pipelines[name] = build_pipeline(components, make_sampler(name, components.noise_scheduler))
-        prompt = replace(
-            prompt,
+    engine = GenerationEngine()
+    checkpoint = engine.use_components(components, "training")
+    requests = [
+        ImageRequest(
+            checkpoint,
+            prompt.prompt,
+            prompt.negative_prompt,
+            sampler=prompt.sampler or sampler,
+            steps=prompt.steps,
+            cfg_scale=prompt.scale,
+            seed=base_seed + index if prompt.seed is None else prompt.seed,
             width=prompt.width or resolution[0],
             height=prompt.height or resolution[1],
-            seed=base_seed + index if prompt.seed is None else prompt.seed,
+            clip_skip=clip_skip,
         )
-        encoding = {"clip_skip": clip_skip, "max_token_length": max_token_length}
-        result = pipelines[name](
-            **_prompt_embeddings(components, prompt.prompt, **encoding),
-            **_negative_embeddings(components, prompt.negative_prompt, **encoding),
-            width=prompt.width,
-            height=prompt.height,
-            num_inference_steps=prompt.steps,
-            guidance_scale=prompt.scale,
-            generator=torch.Generator(device="cpu").manual_seed(prompt.seed),
-        )
-        images.append(result.images[0])
-    return images
+        for index, prompt in enumerate(prompts)
+    ]
+    try:
+        generated = engine.generate(requests)
+    finally:
+        engine.close()
+    for result in generated:
+        result.image.info[PARAMETERS_KEY] = result.infotext
+    return [result.image for result in generated]
 
 
 def sample_file_name(output_name: str, index: int, *, epoch: int | None, global_step: int) -> str:
@@ -255,13 +154,7 @@ def sample_file_name(output_name: str, index: int, *, epoch: int | None, global_
     return f"{output_name}_{when}_{index:02d}.png"
 
 
-def save_png_atomically(image: Any, path: Path) -> Path:
-    """Save a PIL image as PNG via a temporary file in the same folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(temp, format="PNG")
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return path
+def save_png_atomically(image: Image.Image, path: Path) -> Path:
+    """Save a PIL image as PNG via a temporary file in the same folder, with its A1111 parameters
+    (``image.info["parameters"]``, set by :func:`render_samples`) when it has them."""
+    return save_png(image, path, image.info.get(PARAMETERS_KEY))
