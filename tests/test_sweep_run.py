@@ -18,7 +18,6 @@ from PIL import Image
 
 import loralab.data.latent_cache as latent_cache
 from loralab.models.tiny import make_tiny
-from loralab.sweep.execution import accepts_base_model
 from loralab.sweep.layout import read_json, read_status, run_dir
 from loralab.sweep.model_pool import BaseModelPool
 from loralab.sweep.runner import SweepOptions, run_sweep
@@ -300,7 +299,6 @@ def test_model_pool_reuses_a_model_and_notices_changed_weights(workspace):
     assert pool.components_for(config) is not first and pool.load_count == 2
 
 
-@pytest.mark.skipif(not accepts_base_model(), reason="train() takes no base_model yet: each run loads its own model")
 def test_runs_share_one_loaded_base_model(workspace, monkeypatch):
     import loralab.sweep.model_pool as model_pool
 

@@ -15,7 +15,6 @@ and the sweep goes on; a run stopped by Ctrl-C keeps ``running`` and its state, 
 
 from __future__ import annotations
 
-import inspect
 import logging
 import shutil
 import statistics
@@ -34,8 +33,6 @@ from loralab.train.state import find_state_dir
 
 logger = logging.getLogger(__name__)
 
-# The parameter of ``train`` that takes an already loaded base model (see model_pool).
-BASE_MODEL_PARAMETER = "base_model"
 # Steps timed before a step time counts as measured (the first step pays for warm-up).
 TIMED_STEPS = 4
 
@@ -94,7 +91,7 @@ def execute_run(
 ) -> RunOutcome:
     """Bring ``task``'s run to complete (see the module docstring); never raises for a failed run.
 
-    ``pool``: reuse loaded base models across runs (when ``train`` accepts one).
+    ``pool``: reuse loaded base models across runs (each run hands its model back as lent).
     ``on_measured(seconds_per_step)``: called once the run has timed its first steps.
     Raises KeyboardInterrupt when Ctrl-C arrives outside the training loop.
     """
@@ -148,17 +145,11 @@ def _prepare_folder(directory: Path, previous: RunStatus | None) -> bool:
 def _train(
     task: RunTask, directory: Path, *, resume: bool, pool: BaseModelPool | None, progress: str, hooks: LoopHooks
 ) -> Any:
-    kwargs: dict[str, Any] = {"progress": progress, "hooks": hooks}
-    if pool is not None and accepts_base_model():
-        kwargs[BASE_MODEL_PARAMETER] = pool.components_for(task.config)
+    base_model = pool.components_for(task.config) if pool is not None else None
+    kwargs: dict[str, Any] = {"progress": progress, "hooks": hooks, "base_model": base_model}
     if resume:
         return train(task.config, run_dir=None, resume=directory, **kwargs)
     return train(task.config, run_dir=directory, **kwargs)
-
-
-def accepts_base_model() -> bool:
-    """Whether ``train`` can take a loaded base model (otherwise each run loads its own)."""
-    return BASE_MODEL_PARAMETER in inspect.signature(train).parameters
 
 
 def _finish(status: RunStatus, directory: Path, started: float, timer: StepTimer) -> None:

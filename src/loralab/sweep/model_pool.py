@@ -24,6 +24,7 @@ import torch
 
 from loralab.data.latent_cache import state_dict_digest
 from loralab.models.loading import StableDiffusionComponents, load_checkpoint
+from loralab.train.base_model import reset_to_loaded_modes
 from loralab.train.precision import resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class BaseModelPool:
         if self._loaded is None:
             return True
         if frozen_digest(self._loaded.components) == self._loaded.digest:
-            reset_modes(self._loaded.components)
+            reset_to_loaded_modes(self._loaded.components)
             return True
         logger.warning("the base model changed during the last run; it is loaded again for the next one")
         self.release()
@@ -115,18 +116,6 @@ class BaseModelPool:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def reset_modes(components: StableDiffusionComponents) -> None:
-    """Frozen, in eval mode, without gradient checkpointing: how ``load_checkpoint`` returns a model."""
-    for module in (components.unet, components.vae, *components.text_encoders):
-        module.eval()
-        module.requires_grad_(False)
-    if components.unet.is_gradient_checkpointing:
-        components.unet.disable_gradient_checkpointing()
-    for encoder in components.text_encoders:
-        # transformers renamed it (the old name warns); switching it off when off is harmless.
-        getattr(encoder, "activation_checkpointing_disable", encoder.gradient_checkpointing_disable)()
 
 
 def frozen_digest(components: StableDiffusionComponents) -> str:

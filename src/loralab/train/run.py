@@ -40,6 +40,7 @@ from loralab.models.loading import StableDiffusionComponents, load_checkpoint
 from loralab.network.lora import LoRANetwork, NetworkSpec
 from loralab.network.lora_file import read_lora_file
 from loralab.plan.planner import Plan, make_plan
+from loralab.train.base_model import lend_base_model
 from loralab.train.faults import StopSignals, check_policy
 from loralab.train.loop import LoopHooks, LoopOutcome, TrainingSession, train_loop
 from loralab.train.loss_weighting import LossWeighting
@@ -88,6 +89,7 @@ def train(
     progress: ProgressMode = "bar",
     hooks: LoopHooks | None = None,
     on_non_finite: str = "stop",
+    base_model: StableDiffusionComponents | None = None,
 ) -> RunResult:
     """Train a LoRA as ``config`` (a ``TrainConfig``) says, writing everything into ``run_dir``.
 
@@ -100,6 +102,9 @@ def train(
     multi-process data parallelism when started by ``accelerate launch`` or ``--num-processes``.
     ``progress``: "bar" (tqdm), "quiet", or "jsonl" (one JSON object per step on stdout).
     ``on_non_finite``: "stop" (default) or "skip" a step whose loss is NaN/inf.
+    ``base_model``: components of the config's base checkpoint already loaded (frozen, on the run's
+    device, in its weight dtype) to train on instead of loading it; they are handed back as they
+    were on every exit (see ``train.base_model``).
 
     Raises ``ConfigError`` (bad settings, a run directory that already holds a run),
     ``CheckpointError`` (base model), ``DatasetError`` (data), ``LoraFileError``
@@ -129,8 +134,9 @@ def train(
             config.mixed_precision, full_fp16=config.full_fp16, full_bf16=config.full_bf16,
             save_precision=config.save_precision,
         )  # fmt: skip
-        components = setup_model(config, precision, accelerator.device)
+        components = setup_model(config, precision, accelerator.device, base_model=base_model, cleanup=cleanup)
         network, spec, text_encoder_params, unet_params = setup_network(config, components, precision)
+        cleanup.callback(network.remove)  # a lent base model goes back without this run's LoRA
         dataset, plan, text_cache = setup_data(config, components, accelerator, train_text_encoder=bool(text_encoder_params))
         optimizer = setup_optimizer(config, text_encoder_params, unet_params, accelerator.device)
         lr_scheduler, grad_scaler = setup_scheduler(config, optimizer, plan, precision, accelerator.device)
@@ -210,18 +216,31 @@ def setup_accelerator(cleanup: ExitStack) -> Any:
     return accelerator
 
 
-def setup_model(config: Any, precision: PrecisionPlan, device: torch.device) -> StableDiffusionComponents:
-    """Load the base checkpoint, frozen, in the run's dtypes, with its attention and checkpointing set."""
+def setup_model(
+    config: Any,
+    precision: PrecisionPlan,
+    device: torch.device,
+    *,
+    base_model: StableDiffusionComponents | None = None,
+    cleanup: ExitStack | None = None,
+) -> StableDiffusionComponents:
+    """Load the base checkpoint (or take the lent ``base_model``), frozen, in the run's dtypes, with
+    its attention and checkpointing set."""
     if not config.pretrained_model_name_or_path:
         raise ConfigError("pretrained_model_name_or_path is not set; point it at a .safetensors checkpoint or diffusers folder")
-    components = load_checkpoint(
-        config.pretrained_model_name_or_path,
-        v_parameterization=True if config.v_parameterization else None,
-        vae_path=config.vae,
-        tokenizer_path=config.tokenizer_path,
-        dtype=precision.base_weight_dtype,
-        device=device,
-    )
+    if base_model is not None:
+        if cleanup is None:
+            raise ValueError("a lent base model needs the run's cleanup stack to be handed back")
+        components = lend_base_model(base_model, device=device, weight_dtype=precision.base_weight_dtype, cleanup=cleanup)
+    else:
+        components = load_checkpoint(
+            config.pretrained_model_name_or_path,
+            v_parameterization=True if config.v_parameterization else None,
+            vae_path=config.vae,
+            tokenizer_path=config.tokenizer_path,
+            dtype=precision.base_weight_dtype,
+            device=device,
+        )
     _check_family(config, components)
     if components.vae.dtype != vae_dtype_for(config):  # diffusers warns on every cast, needed or not
         components.vae.to(dtype=vae_dtype_for(config))
