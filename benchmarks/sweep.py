@@ -9,8 +9,8 @@ and a 4-image dataset, then times, from launch to exit of each command:
 - ``separate``: one ``loralab train BASELINE --set network_dim=R`` per rank (each process imports
   torch and diffusers, loads the model and reads the latent cache by itself);
 - ``sweep``: one ``loralab sweep`` over ``network_dim = [ranks]`` (one process; the base model is
-  loaded once when ``train`` accepts a loaded one, the latent cache is filled once; the sweep also
-  writes its results and report).
+  loaded once and lent to every run, the latent cache is filled once; the sweep also writes its
+  results and report).
 
 Each side gets its own empty latent cache. With ``--rounds`` above 1 the two alternate (a shared
 machine's load drifts) and the medians are compared. Prints the wall times and
@@ -77,7 +77,6 @@ def main() -> None:
     ranks = [int(rank) for rank in args.ranks.split(",")]
 
     from loralab.config.loading import save_config
-    from loralab.sweep.execution import accepts_base_model
 
     with tempfile.TemporaryDirectory(prefix="loralab-sweep-bench-") as folder:
         work = Path(folder)
@@ -91,7 +90,7 @@ def main() -> None:
         )
         print(
             f"medium model ({checkpoint.stat().st_size / 2**20:.0f} MiB), {MEDIUM.resolution}px, {len(ranks)} runs "
-            f"x {args.steps} steps, {args.threads} threads; base model shared across runs: {accepts_base_model()}",
+            f"x {args.steps} steps, {args.threads} threads",
             flush=True,
         )
         separate_times, sweep_times = [], []

@@ -28,7 +28,8 @@ from loralab.train.launch import launch_training
 from loralab.train.loop import LoopHooks
 from loralab.train.run import train
 from loralab.train.sampling import SamplePrompt, parse_prompt_line, read_sample_prompts
-from loralab.train.saving import Cadence, KeepLast, epoch_lora_name, final_lora_name, step_lora_name
+from loralab.train.save_names import SavedLoraName, epoch_lora_name, final_lora_name, parse_lora_name, step_lora_name
+from loralab.train.saving import Cadence, KeepLast
 from train_support import CAPTION, lora_tensors, make_dataset, max_tensor_difference, series, tiny_config
 
 SEED_CONFIG = Path(__file__).parent / "data" / "seed" / "config_SD1.5.json"
@@ -252,6 +253,16 @@ def test_keep_last_n_saves_prune_older_loras_as_sd_scripts(workspace, tmp_path):
     # Pruning removes files only: the LoRAs it keeps are the ones the unpruned run wrote.
     for name in remaining:
         assert max_tensor_difference(lora_tensors(kept_all.run_dir / name), lora_tensors(pruned.run_dir / name)) == 0
+
+
+def test_lora_file_names_are_read_back_as_written():
+    assert parse_lora_name("blh", epoch_lora_name("blh", 3)) == SavedLoraName(epoch=3)
+    assert parse_lora_name("blh", step_lora_name("blh", 120)) == SavedLoraName(step=120)
+    assert parse_lora_name("blh", final_lora_name("blh")).is_final
+    assert parse_lora_name("blh", "blh-step123456789.safetensors") == SavedLoraName(step=123456789)
+    # Another run's files, sd-scripts' state folders and other widths are not this run's saves.
+    for other in ("blh-v2.safetensors", "blh-0003.safetensors", "blh-000003-state", "xblh.safetensors", "blh.ckpt"):
+        assert parse_lora_name("blh", other) is None, other
 
 
 def test_kohya_prompt_lines_are_parsed():

@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from loralab.sweep.layout import BASELINE_MODELS, EVAL_DIR, INDEX_FILE, write_json
-from loralab.sweep.scoring import ScorerRegistry, ScoringSettings, build_scorers, per_image_mean
+from loralab.sweep.scoring import ScorerRegistry, per_image_mean
 from loralab.sweep.scoring.base import EvalImage
 from loralab.sweep.scoring.eval_index import read_eval_index
 from loralab.toy.likeness import likeness
@@ -27,12 +27,10 @@ GAINS_FILE = "likeness.json"
 _Pairing = tuple[str, int, bool]  # prompt (as rendered), seed, trigger
 
 
-def toy_scorers() -> ScorerRegistry:
-    """The sweep's scorers with the toy likeness as ``likeness`` and, without the trigger, ``trigger_leak``."""
-    registry = build_scorers(ScoringSettings())
+def add_toy_scores(registry: ScorerRegistry) -> None:
+    """Score the toy likeness as ``likeness`` and, without the trigger, as ``trigger_leak``."""
     registry.add("likeness", per_image_mean(likeness, trigger=True))
     registry.add("trigger_leak", per_image_mean(likeness, trigger=False))
-    return registry
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,14 @@ from tqdm import tqdm
 
 from loralab.data.prepare import PrepareOptions, prepare_dataset
 from loralab.demo.class_images import class_prompts, render_class_images
-from loralab.demo.likeness_gain import GAINS_FILE, LikenessGain, format_gains, likeness_gains, toy_scorers, write_gains
+from loralab.demo.likeness_gain import (
+    GAINS_FILE,
+    LikenessGain,
+    add_toy_scores,
+    format_gains,
+    likeness_gains,
+    write_gains,
+)
 from loralab.demo.settings import (
     CPU_THREADS,
     FULL,
@@ -88,10 +95,7 @@ def run_demo(out_dir: Path, quick: bool = False, printer: Printer = print) -> De
     ``quick`` trains fewer, shorter runs and renders fewer seeds (for CI and a first look).
     Raises DemoError when ``out_dir`` is a file.
     """
-    from loralab.sweep.report import write_report
-    from loralab.sweep.results import write_results
     from loralab.sweep.runner import SweepOptions, run_sweep
-    from loralab.sweep.scoring import score_sweep
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -110,17 +114,18 @@ def run_demo(out_dir: Path, quick: bool = False, printer: Printer = print) -> De
         stages.update()
         sweep_file = write_sweep_files(out_dir / "config", img_dir.resolve(), reg_dir.resolve(), size)
         sweep_dir = out_dir / "sweep"
-        summary = run_sweep(SweepOptions(file=sweep_file, out=sweep_dir, progress="bar"), printer=printer)
+        # The toy world's likeness joins the scores the sweep computes (and its report shows).
+        options = SweepOptions(file=sweep_file, out=sweep_dir, progress="bar", extra_scores=add_toy_scores)
+        summary = run_sweep(options, printer=printer)
         stages.update()
         if summary.interrupted:
             raise KeyboardInterrupt
-        # The runner scores with the user's models only; the toy world has its own likeness.
-        score_sweep(sweep_dir, toy_scorers())
-        write_results(sweep_dir)
+        if summary.report is None:
+            raise DemoError(f"the sweep wrote no report; see the messages above ({sweep_dir})")
+        report = summary.report
+        stages.update()
         gains = likeness_gains(sweep_dir)
         write_gains(sweep_dir, gains, sweep_dir / GAINS_FILE)
-        stages.update()
-        report = write_report(sweep_dir)
         stages.update()
     finally:
         stages.close()

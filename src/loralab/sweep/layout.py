@@ -20,12 +20,12 @@ Save points are labelled ``e000002`` (after epoch 2), ``step00000100`` (after st
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from loralab.config.loading import write_text_atomic
+from loralab.train.save_names import LORA_SUFFIX, parse_lora_name
 
 SWEEP_FILE = "sweep.toml"
 EVALUATION_FILE = "evaluation.json"
@@ -119,20 +119,16 @@ class SavePoint:
 
 def save_points(directory: Path, output_name: str) -> list[SavePoint]:
     """The LoRA files ``output_name`` left in a run directory, in training order."""
-    from loralab.train.saving import LORA_SUFFIX  # imported here: reading a sweep folder needs no torch
-
     directory = Path(directory)
-    pattern = re.compile(rf"{re.escape(output_name)}(?:-(\d{{6}})|-step(\d{{8}}))?{re.escape(LORA_SUFFIX)}")
     points = []
     for path in directory.glob(f"{output_name}*{LORA_SUFFIX}"):
-        match = pattern.fullmatch(path.name)
-        if match is None:
+        name = parse_lora_name(output_name, path.name)
+        if name is None:
             continue
-        epoch, step = match.groups()
-        if epoch is not None:
-            points.append(SavePoint(f"e{epoch}", path, epoch=int(epoch)))
-        elif step is not None:
-            points.append(SavePoint(f"step{step}", path, step=int(step)))
+        if name.epoch is not None:
+            points.append(SavePoint(f"e{name.epoch:06d}", path, epoch=name.epoch))
+        elif name.step is not None:
+            points.append(SavePoint(f"step{name.step:08d}", path, step=name.step))
         else:
             points.append(SavePoint(FINAL, path))
     return sorted(points, key=lambda point: point.order)

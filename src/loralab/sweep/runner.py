@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from loralab.config.loading import write_text_atomic
 from loralab.sweep.evaluate import (
@@ -47,6 +47,9 @@ from loralab.sweep.overview import RunPlan, estimate_line, format_overview, plan
 from loralab.sweep.results import write_results
 from loralab.sweep.spec import SweepError, SweepSpec, read_sweep, safe_name
 
+if TYPE_CHECKING:
+    from loralab.sweep.scoring.registry import ScorerRegistry
+
 Printer = Callable[[str], None]
 BACKENDS = ("local", "ray")
 
@@ -62,6 +65,9 @@ class SweepOptions:
     parallel: int = 1
     dry_run: bool = False
     progress: str = "quiet"  # of each run: "bar", "quiet"
+    # Adds scores of the caller's own to the ones the sweep file's models give (the demo's toy
+    # likeness, say): called with the registry before the save points are scored.
+    extra_scores: Callable[[ScorerRegistry], None] | None = None
 
 
 @dataclass
@@ -74,6 +80,7 @@ class SweepSummary:
     existing_images: int = 0
     eval_failures: dict[str, str] = field(default_factory=dict)
     interrupted: bool = False
+    report: Path | None = None  # the report's index page, once written
 
     def count(self, action: str) -> int:
         return sum(1 for outcome in self.outcomes if outcome.action == action)
@@ -145,7 +152,7 @@ def run_sweep(options: SweepOptions, printer: Printer = print) -> SweepSummary:
         raise
     finally:
         backend.close()
-    _score_and_report(spec, sweep_dir, printer)
+    summary.report = _score_and_report(spec, sweep_dir, printer, options.extra_scores)
     printer(_summary_line(summary))
     return summary
 
@@ -266,8 +273,11 @@ def _evaluate_all(
         write_index(settings, target)
 
 
-def _score_and_report(spec: SweepSpec, sweep_dir: Path, printer: Printer) -> None:
-    """Score every evaluated save point with the sweep file's models, then write the report.
+def _score_and_report(
+    spec: SweepSpec, sweep_dir: Path, printer: Printer, extra_scores: Callable[[ScorerRegistry], None] | None
+) -> Path | None:
+    """Score every evaluated save point with the sweep file's models (and ``extra_scores``), then
+    write the results and the report; returns the report's index page, None when it failed.
 
     A scoring model that cannot be used is reported and the report is written without its scores;
     a report that cannot be written is reported too (the results are written either way).
@@ -284,14 +294,20 @@ def _score_and_report(spec: SweepSpec, sweep_dir: Path, printer: Printer) -> Non
     device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = ScoringSettings(model(spec.scoring.face_model), model(spec.scoring.clip_model), device)
     try:
-        score_sweep(sweep_dir, build_scorers(settings))
+        scorers = build_scorers(settings)
+        if extra_scores is not None:
+            extra_scores(scorers)
+        score_sweep(sweep_dir, scorers)
     except LoralabError as exc:
         printer(f"scoring failed: {exc}")
     write_results(sweep_dir)  # with the scores
     try:
-        printer(f"report: {write_report(sweep_dir)}")
+        report = write_report(sweep_dir)
     except LoralabError as exc:  # the runs and results stand; `loralab report` can write it later
         printer(f"report not written: {exc}")
+        return None
+    printer(f"report: {report}")
+    return report
 
 
 def _summary_line(summary: SweepSummary) -> str:

@@ -51,7 +51,8 @@ from loralab.train.optimizer_setup import setup_optimizer as build_run_optimizer
 from loralab.train.precision import PrecisionPlan, apply_cpu_threads, cast_trainable_parameters, make_grad_scaler, resolve_precision
 from loralab.train.resume import changed_totals, resume_hint, rewind_event_files
 from loralab.train.sampling import read_sample_prompts
-from loralab.train.saving import final_lora_name, training_metadata
+from loralab.train.save_names import final_lora_name
+from loralab.train.saving import training_metadata
 from loralab.train.state import StateError, TrainingProgress, find_state_dir, load_training_state
 from loralab.train.tb_logging import LossRecorder, MetricsLogger
 

@@ -1,6 +1,6 @@
 """When and how a run writes its LoRA files: names, cadence and sd-scripts' ``ss_*`` metadata.
 
-File names are sd-scripts' so existing habits and scripts keep working:
+File names (``train.save_names``) are sd-scripts' so existing habits and scripts keep working:
 
 - every ``save_every_n_epochs`` epochs: ``<output_name>-<epoch:06d>.safetensors`` (not after the
   last epoch, which the final save covers);
@@ -32,7 +32,6 @@ the step, epoch and time (:func:`save_lora`).
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -47,26 +46,9 @@ from loralab.models.loading import StableDiffusionComponents
 from loralab.network.lora import LoRANetwork, NetworkSpec
 from loralab.network.lora_file import build_lora_metadata, save_lora_file
 from loralab.plan.planner import Plan
+from loralab.train.save_names import parse_lora_name
 
 logger = logging.getLogger(__name__)
-
-LORA_SUFFIX = ".safetensors"
-
-
-def epoch_lora_name(output_name: str, epoch: int) -> str:
-    """``<output_name>-<epoch:06d>.safetensors``, sd-scripts' per-epoch name (epoch 1-based)."""
-    return f"{output_name}-{epoch:06d}{LORA_SUFFIX}"
-
-
-def step_lora_name(output_name: str, global_step: int) -> str:
-    """``<output_name>-step<step:08d>.safetensors``, sd-scripts' per-step name."""
-    return f"{output_name}-step{global_step:08d}{LORA_SUFFIX}"
-
-
-def final_lora_name(output_name: str) -> str:
-    """``<output_name>.safetensors``: the LoRA at the end of the run."""
-    return f"{output_name}{LORA_SUFFIX}"
-
 
 @dataclass(frozen=True)
 class Cadence:
@@ -133,13 +115,12 @@ class KeepLast:
 
 def _numbered_saves(directory: Path, output_name: str, kind: str) -> list[tuple[int, Path]]:
     """``(number, path)`` of the run's per-epoch (``kind=""``) or per-step (``"step"``) files, by number."""
-    digits = 8 if kind else 6  # the widths epoch_lora_name and step_lora_name write (wider numbers too)
-    pattern = re.compile(rf"{re.escape(output_name)}-{kind}(\d{{{digits},}}){re.escape(LORA_SUFFIX)}")
     found = []
     for path in Path(directory).iterdir():
-        match = pattern.fullmatch(path.name)
-        if match and path.is_file():
-            found.append((int(match.group(1)), path))
+        name = parse_lora_name(output_name, path.name)
+        number = None if name is None else (name.step if kind else name.epoch)
+        if number is not None and path.is_file():
+            found.append((number, path))
     return sorted(found)
 
 
