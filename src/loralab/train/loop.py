@@ -339,7 +339,9 @@ def train_loop(s: TrainingSession) -> LoopOutcome:
 
 def _set_training_modes(s: TrainingSession) -> None:
     """sd-scripts' modes: base models in train mode only for gradient checkpointing (their dropout
-    is 0 either way); the LoRA modules always in train mode, so their dropouts act."""
+    is 0 either way); the LoRA modules always in train mode, so their dropouts act; a schedule-free
+    optimizer in train mode (it refuses to step otherwise)."""
+    _optimizer_mode(s.optimizer, "train")
     checkpointing = bool(s.config.gradient_checkpointing)
     s.components.unet.train(checkpointing)
     for encoder in s.components.text_encoders:
