@@ -35,18 +35,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-CAPTION = "blh woman"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def write_dataset(root: Path, size: int, images: int = 4) -> Path:
-    folder = root / "img" / f"1_{CAPTION}"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for index in range(images):
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{index}.png")
-    return root / "img"
+from train_step import CAPTION, write_dataset
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[float, int, float]]]:

@@ -300,11 +300,11 @@ def test_model_pool_reuses_a_model_and_notices_changed_weights(workspace):
 
 
 def test_runs_share_one_loaded_base_model(workspace, monkeypatch):
-    import loralab.sweep.model_pool as model_pool
+    import loralab.train.base_model as base_model  # every load of a run's base checkpoint goes through it
 
     loads = []
-    original = model_pool.load_checkpoint
-    monkeypatch.setattr(model_pool, "load_checkpoint", lambda *a, **k: loads.append(a) or original(*a, **k))
+    original = base_model.load_checkpoint
+    monkeypatch.setattr(base_model, "load_checkpoint", lambda *a, **k: loads.append(a) or original(*a, **k))
     folder = in_folder(workspace, "shared_model")
     summary = run_sweep(SweepOptions(sweep_file(folder, "[axes]\nnetwork_dim = [8, 16]\n"), folder / "out"), printer=quiet([]))
     assert [o.action for o in summary.outcomes] == ["trained"] * 3

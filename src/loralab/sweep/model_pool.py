@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from loralab.data.latent_cache import state_dict_digest
-from loralab.models.loading import StableDiffusionComponents, load_checkpoint
-from loralab.train.base_model import reset_to_loaded_modes
+from loralab.models.loading import StableDiffusionComponents
+from loralab.train.base_model import load_base_model, reset_to_loaded_modes
 from loralab.train.precision import resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class BaseModelPool:
     def components_for(self, config: Any) -> StableDiffusionComponents:
         """The base model of ``config``, loaded now unless the pool already holds it.
 
-        Raises what ``load_checkpoint`` raises (``CheckpointError``) for an unusable checkpoint.
+        Raises ``CheckpointError`` for an unusable checkpoint.
         """
         device = run_device()
         key = model_key(config, device)
@@ -81,14 +81,7 @@ class BaseModelPool:
             config.mixed_precision, full_fp16=config.full_fp16, full_bf16=config.full_bf16,
             save_precision=config.save_precision,
         )  # fmt: skip
-        components = load_checkpoint(
-            config.pretrained_model_name_or_path,
-            v_parameterization=True if config.v_parameterization else None,
-            vae_path=config.vae,
-            tokenizer_path=config.tokenizer_path,
-            dtype=precision.base_weight_dtype,
-            device=device,
-        )
+        components = load_base_model(config, weight_dtype=precision.base_weight_dtype, device=device)
         self.load_count += 1
         self._loaded = _Loaded(key, components, frozen_digest(components))
         return components

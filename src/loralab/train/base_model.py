@@ -12,11 +12,25 @@ weights themselves are never written by a run (the LoRA lives in its own modules
 from __future__ import annotations
 
 from contextlib import ExitStack
+from typing import Any
 
 import torch
 
 from loralab.errors import ConfigError
-from loralab.models.loading import StableDiffusionComponents
+from loralab.models.loading import StableDiffusionComponents, load_checkpoint
+
+
+def load_base_model(config: Any, *, weight_dtype: torch.dtype, device: torch.device) -> StableDiffusionComponents:
+    """The config's base checkpoint (with its VAE, tokenizer and prediction-type settings), frozen
+    weights in ``weight_dtype`` on ``device``. Raises ``CheckpointError`` for an unusable one."""
+    return load_checkpoint(
+        config.pretrained_model_name_or_path,
+        v_parameterization=True if config.v_parameterization else None,
+        vae_path=config.vae,
+        tokenizer_path=config.tokenizer_path,
+        dtype=weight_dtype,
+        device=device,
+    )
 
 
 def reset_to_loaded_modes(components: StableDiffusionComponents) -> None:

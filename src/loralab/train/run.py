@@ -36,11 +36,11 @@ from loralab.data.text_cache import TextEncoderCache
 from loralab.data.transforms import CaptionOptions
 from loralab.errors import CheckpointError, ConfigError
 from loralab.models.family import ModelFamily
-from loralab.models.loading import StableDiffusionComponents, load_checkpoint
+from loralab.models.loading import StableDiffusionComponents
 from loralab.network.lora import LoRANetwork, NetworkSpec
 from loralab.network.lora_file import read_lora_file
 from loralab.plan.planner import Plan, make_plan
-from loralab.train.base_model import lend_base_model
+from loralab.train.base_model import lend_base_model, load_base_model
 from loralab.train.faults import StopSignals, check_policy
 from loralab.train.loop import LoopHooks, LoopOutcome, TrainingSession, train_loop
 from loralab.train.loss_weighting import LossWeighting
@@ -234,14 +234,7 @@ def setup_model(
             raise ValueError("a lent base model needs the run's cleanup stack to be handed back")
         components = lend_base_model(base_model, device=device, weight_dtype=precision.base_weight_dtype, cleanup=cleanup)
     else:
-        components = load_checkpoint(
-            config.pretrained_model_name_or_path,
-            v_parameterization=True if config.v_parameterization else None,
-            vae_path=config.vae,
-            tokenizer_path=config.tokenizer_path,
-            dtype=precision.base_weight_dtype,
-            device=device,
-        )
+        components = load_base_model(config, weight_dtype=precision.base_weight_dtype, device=device)
     _check_family(config, components)
     if components.vae.dtype != vae_dtype_for(config):  # diffusers warns on every cast, needed or not
         components.vae.to(dtype=vae_dtype_for(config))
