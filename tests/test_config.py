@@ -404,6 +404,11 @@ def test_optimizer_args_syntax() -> None:
     }
     assert parse_optimizer_args(format_optimizer_args(parsed)) == parsed
     assert parse_optimizer_args(["betas=0.9,0.99", "eps=1e-8"]) == {"betas": (0.9, 0.99), "eps": 1e-8}
+    # A TOML table keeps its types; its strings read as --set and sweep axes read them.
+    table = {"betas": "0.9,0.99", "decouple": "True", "d0": 1e-6, "pair": [1, 2], "note": "two words"}
+    assert parse_optimizer_args(table) == {
+        "betas": (0.9, 0.99), "decouple": True, "d0": 1e-6, "pair": (1, 2), "note": "two words",
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -178,7 +178,16 @@ def _format_scalar(value: Any) -> str:
 
 
 def _from_typed(key: Any, value: Any) -> OptimizerArgValue:
-    """A value from a TOML table: already typed; lists become tuples (the optimizers' betas)."""
+    """A value from a TOML table: already typed; lists become tuples (the optimizers' betas).
+
+    A string is read as kohya writes values (``"0.9,0.99"`` is the tuple, ``"True"`` the bool), as
+    ``--set`` and sweep axes read it; one that is no kohya value stays the string it is.
+    """
+    if isinstance(value, str):
+        try:
+            return parse_optimizer_arg_value(value.strip())
+        except ConfigError:
+            return value
     if isinstance(value, list | tuple):
         items = tuple(value)
         for item in items:
