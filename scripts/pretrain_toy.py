@@ -48,7 +48,6 @@ from PIL import Image
 from loralab.models.family import ModelFamily
 from loralab.models.loading import StableDiffusionComponents, load_vae
 from loralab.models.saving import save_single_file
-from loralab.sample.generator import build_pipeline
 from loralab.toy import model as toy_model
 from loralab.toy import world
 from loralab.train.conditioning import encode_text, tokenize_captions
@@ -418,22 +417,7 @@ def train_denoiser(
 @torch.no_grad()
 def save_preview(components: StableDiffusionComponents, path: Path, seeds: Sequence[int] = (0, 1, 2, 3)) -> None:
     """A grid: one row per preview prompt, one column per seed (prompt order as PREVIEW_PROMPTS)."""
-    from diffusers import DDIMScheduler
-
-    pipeline = build_pipeline(components, DDIMScheduler.from_config(components.noise_scheduler.config))
-    size = toy_model.RESOLUTION
-    rows = []
-    for prompt in PREVIEW_PROMPTS:
-        images = pipeline(
-            prompt=[prompt] * len(seeds),
-            width=size,
-            height=size,
-            num_inference_steps=20,
-            guidance_scale=5.0,
-            generator=[torch.Generator().manual_seed(s) for s in seeds],
-            output_type="np",
-        ).images
-        rows.append(np.concatenate(list((images * 255).round().astype(np.uint8)), axis=1))
+    rows = [np.concatenate(toy_model.draw(components, prompt, tuple(seeds)), axis=1) for prompt in PREVIEW_PROMPTS]
     grid = np.concatenate(rows, axis=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.Resampling.NEAREST).save(path)

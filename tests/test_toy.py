@@ -6,15 +6,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
-from diffusers import DDIMScheduler
 from safetensors import safe_open
 
 from loralab.errors import CheckpointError
 from loralab.models.family import ModelFamily
 from loralab.models.loading import load_checkpoint
 from loralab.models.tokenizer import load_clip_tokenizer
-from loralab.sample.generator import build_pipeline
 from loralab.toy import likeness, world
 from loralab.toy import model as toy_model
 
@@ -145,36 +142,21 @@ def test_unknown_toy_checkpoint_is_a_clear_error():
         toy_model.toy_checkpoint("nope")  # type: ignore[arg-type]
 
 
-def _draw(components, prompt: str, seeds=(0, 1, 2, 3)) -> list[np.ndarray]:
-    pipeline = build_pipeline(components, DDIMScheduler.from_config(components.noise_scheduler.config))
-    size = toy_model.RESOLUTION
-    images = pipeline(
-        prompt=[prompt] * len(seeds),
-        width=size,
-        height=size,
-        num_inference_steps=20,
-        guidance_scale=5.0,
-        generator=[torch.Generator().manual_seed(s) for s in seeds],
-        output_type="np",
-    ).images
-    return [(image * 255).round().astype(np.uint8) for image in images]
-
-
 def _share(images: list[np.ndarray], colour: str) -> float:
     return float(np.mean([likeness.colour_share(image, world.COLOURS[colour]) for image in images]))
 
 
 def test_base_model_draws_what_the_prompt_asks(base_components):
-    red_circles = _draw(base_components, "a red circle")
-    blue_squares = _draw(base_components, "a blue square")
+    red_circles = toy_model.draw(base_components, "a red circle")
+    blue_squares = toy_model.draw(base_components, "a blue square")
     assert _share(red_circles, "red") > 2 * _share(blue_squares, "red") + 0.02
     assert _share(blue_squares, "blue") > 2 * _share(red_circles, "blue") + 0.02
     # Deterministic from the generator's seed.
-    assert all(np.array_equal(a, b) for a, b in zip(red_circles, _draw(base_components, "a red circle")))
+    assert all(np.array_equal(a, b) for a, b in zip(red_circles, toy_model.draw(base_components, "a red circle")))
 
 
 def test_base_model_knows_rings_but_not_the_subject(base_components):
-    images = _draw(base_components, f"{world.SUBJECT_TRIGGER} {world.SUBJECT_CLASS}")
+    images = toy_model.draw(base_components, f"{world.SUBJECT_TRIGGER} {world.SUBJECT_CLASS}")
     assert likeness.mean_likeness(images) < 0.15
 
 
@@ -182,6 +164,6 @@ def test_alt_model_leans_warm_where_the_prompt_leaves_the_background_open(base_c
     alt = load_checkpoint(toy_model.toy_checkpoint("alt"))
     warm = ("orange", "yellow")
     prompt = "a blue circle"
-    base_warm = sum(_share(_draw(base_components, prompt), c) for c in warm)
-    alt_warm = sum(_share(_draw(alt, prompt), c) for c in warm)
+    base_warm = sum(_share(toy_model.draw(base_components, prompt), c) for c in warm)
+    alt_warm = sum(_share(toy_model.draw(alt, prompt), c) for c in warm)
     assert alt_warm > base_warm + 0.05

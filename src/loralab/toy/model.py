@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -39,6 +39,9 @@ from loralab.models.architecture import (
 from loralab.models.family import ModelFamily
 from loralab.models.loading import StableDiffusionComponents, make_noise_scheduler
 from loralab.models.tokenizer import load_clip_tokenizer
+
+if TYPE_CHECKING:
+    import numpy as np
 
 RESOLUTION = 32  # the toy world's image size, in pixels
 TEXT_ENCODER = TextEncoderSizes(
@@ -104,3 +107,26 @@ def toy_checkpoint(name: CheckpointName = "base") -> Path:
             f"toy checkpoint {path} is missing; reinstall loralab or run scripts/pretrain_toy.py to make it"
         )
     return path
+
+
+def draw(
+    components: StableDiffusionComponents, prompt: str, seeds: tuple[int, ...] = (0, 1, 2, 3)
+) -> list[np.ndarray]:
+    """``prompt`` drawn once per seed at the toy resolution (DDIM, 20 steps, guidance 5: how the
+    toy checkpoints are previewed and checked), as uint8 RGB arrays."""
+    import numpy as np
+    from diffusers import DDIMScheduler
+
+    from loralab.sample.generator import build_pipeline
+
+    pipeline = build_pipeline(components, DDIMScheduler.from_config(components.noise_scheduler.config))
+    images = pipeline(
+        prompt=[prompt] * len(seeds),
+        width=RESOLUTION,
+        height=RESOLUTION,
+        num_inference_steps=20,
+        guidance_scale=5.0,
+        generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+        output_type="np",
+    ).images
+    return [(image * 255).round().astype(np.uint8) for image in images]
