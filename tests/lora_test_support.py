@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import cache
 
@@ -11,7 +12,6 @@ from torch import nn
 from loralab.models.architecture import build_empty_model, bundled_config
 from loralab.models.family import ModelFamily
 from loralab.network.lora import LoRANetwork, NetworkSpec
-
 
 # alpha != rank everywhere, and a conv rank/alpha of their own, so every scale is exercised.
 LOCON_SPEC = NetworkSpec(rank=4, alpha=2.5, conv_rank=3, conv_alpha=1.5)
@@ -59,6 +59,19 @@ def max_difference(first: dict[str, torch.Tensor], second: dict[str, torch.Tenso
     """Largest absolute difference per output."""
     assert first.keys() == second.keys()
     return {key: (first[key] - second[key]).abs().max().item() for key in first}
+
+
+def weight_digests(components) -> dict[str, str]:
+    """SHA-256 of every tensor of the UNet, text encoders and VAE (bytes, dtype and shape), by name."""
+    models = {"unet": components.unet, "vae": components.vae}
+    models.update({f"text_encoder_{i}": encoder for i, encoder in enumerate(components.text_encoders)})
+    digests = {}
+    for model_name, model in models.items():
+        for name, tensor in model.state_dict(keep_vars=False).items():
+            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            digest = hashlib.sha256(data).hexdigest()
+            digests[f"{model_name}.{name}"] = f"{digest} {tensor.dtype} {tuple(tensor.shape)}"
+    return digests
 
 
 @dataclass

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from lora_test_support import random_network, weight_digests
 from PIL import Image
 
 from loralab.cli.main import main
@@ -24,8 +25,6 @@ from loralab.sample.request_plan import RequestTemplate
 from loralab.sample.samplers import A1111_SAMPLERS, SamplerError, build_scheduler, resolve_sampler
 from loralab.sample.wildcards import WildcardError, Wildcards
 from loralab.sample.xyz import AxisError, parse_axis, plan_xyz, render_xyz
-
-from lora_test_support import random_network
 
 SPEC = NetworkSpec(rank=4, alpha=2.0)
 
@@ -357,6 +356,91 @@ def test_render_prompts_by_seeds_on_a_model_in_memory(files) -> None:
     assert np.array_equal(_pixels(images[0]), _pixels(from_file))
     engine.close()
     assert not any(isinstance(m, AdaptedLayer) for m in components.unet.modules())  # LoRA taken out again
+
+
+class UNetWatch:
+    """A forward pre-hook on the UNet noting, at each call, the weights that differ from ``before``
+    (name, digest) and how many layers carry live LoRA modules; ``fail_at``: raise at that call."""
+
+    def __init__(self, components, before: dict[str, str], fail_at: int | None = None) -> None:
+        self.components, self.before, self.fail_at = components, before, fail_at
+        self.calls: list[tuple[frozenset[tuple[str, str]], int]] = []
+        self.handle = components.unet.register_forward_pre_hook(self)
+
+    def __call__(self, module, args) -> None:
+        from loralab.network.lora import AdaptedLayer
+
+        digests = weight_digests(self.components)
+        changed = frozenset((key, digest) for key, digest in digests.items() if digest != self.before.get(key))
+        self.calls.append((changed, sum(isinstance(m, AdaptedLayer) for m in self.components.unet.modules())))
+        if len(self.calls) == self.fail_at:
+            raise RuntimeError("interrupted mid-image")
+
+
+def test_lora_files_are_fused_while_rendering_and_the_weights_restored_bit_exactly(files) -> None:
+    from loralab.network.merge import LoraUse, apply_loras, remove_loras
+
+    components = load_checkpoint(files["a"])
+    before = weight_digests(components)
+    engine = GenerationEngine(lora_dir=files["loras"], loader=CountingLoader(allow=False))
+    checkpoint = engine.use_components(components, "model")
+    watch = UNetWatch(components, before)
+    steps = 2  # with CFG: one UNet call per step
+    requests = [
+        _request(checkpoint, prompt="a dog", steps=steps),
+        _request(checkpoint, prompt="a dog <lora:x:1>", steps=steps),
+        _request(checkpoint, prompt="a dog <lora:x:0.5> <lora:y:0.7>", steps=steps),
+        _request(checkpoint, prompt="a dog", steps=steps),
+    ]
+    images, per_image, order = {}, {}, []
+    for index, image in engine.iter_generate(requests):
+        images[index], per_image[index] = image, {changed for changed, _ in watch.calls[len(order) * steps :]}
+        order.append(index)
+    assert order == [0, 3, 1, 2]  # images with the same LoRAs in a row: each set is fused once
+    assert len(watch.calls) == steps * len(requests)
+    assert all(adapted == 0 for _, adapted in watch.calls)  # no LoRA module in any layer
+    assert per_image[0] == per_image[3] == {frozenset()}
+    (x_changed,), (two_changed,) = per_image[1], per_image[2]
+    assert x_changed and two_changed and x_changed != two_changed  # in the weights while they render
+    assert weight_digests(components) == before  # and out of them after the call
+    plain, x_fused, plain_again = images[0], images[1], images[3]
+    assert np.array_equal(_pixels(plain), _pixels(plain_again))
+
+    # The fused image is the image the live LoRA modules make, up to rounding; a network applied as
+    # modules (as training applies its own) stays live next to a fused file LoRA.
+    network = apply_loras(components, [LoraUse(read_lora_file(files["loras"] / "x.safetensors"))])
+    try:
+        live = engine.generate([replace(requests[1], prompt="a dog")])[0]
+        live_with_y = engine.generate([replace(requests[1], prompt="a dog <lora:y:0.7>")])[0]
+        assert watch.calls[-1][1] > 0  # x live as modules, y fused
+    finally:
+        remove_loras(network)
+        watch.handle.remove()
+    assert np.abs(_pixels(live).astype(int) - _pixels(x_fused).astype(int)).max() <= 1
+    assert not np.array_equal(_pixels(live_with_y), _pixels(live))
+    engine.close()
+    assert weight_digests(components) == before
+
+
+def test_an_error_or_an_abandoned_call_mid_generation_restores_the_weights(files) -> None:
+    components = load_checkpoint(files["a"])
+    before = weight_digests(components)
+    engine = GenerationEngine(lora_dir=files["loras"], loader=CountingLoader(allow=False))
+    checkpoint = engine.use_components(components, "model")
+    watch = UNetWatch(components, before, fail_at=2)
+    with pytest.raises(RuntimeError, match="interrupted mid-image"):
+        engine.generate([_request(checkpoint, prompt="a dog <lora:x:1> <lora:y:0.5>", steps=3)])
+    assert len(watch.calls) == 2 and watch.calls[-1][0]  # it failed with the LoRAs fused
+    assert weight_digests(components) == before
+
+    watch.fail_at = None
+    images = engine.iter_generate([_request(checkpoint, prompt=f"a dog <lora:x:{w}>", steps=2) for w in (1, 0.5)])
+    next(images)
+    assert watch.calls[-1][0]
+    images.close()  # the caller stops after the first image
+    assert weight_digests(components) == before
+    watch.handle.remove()
+    engine.close()
 
 
 def test_lora_names_resolve_as_in_a1111s_lora_folder(files, tmp_path: Path) -> None:

@@ -2,9 +2,10 @@
 
 For tiny SD1.5 and SDXL models, a LoRA made here (random non-trivial weights, alpha != rank, conv
 LoRA with its own rank/alpha) is saved in kohya format and loaded with diffusers'
-``load_lora_weights``. The pipeline's text-encoder and UNet outputs must match our own apply and
-our own merge to 1e-5 (fp32), at multiplier 1, at 0.5, with per-part strengths and with two
-LoRAs at once, and diffusers must not warn about any LoRA key it could not place.
+``load_lora_weights``. The pipeline's text-encoder and UNet outputs must match our own apply, our
+own fuse (what ``loralab generate`` renders with) and our own merge to 1e-5 (fp32), at multiplier
+1, at 0.5, with per-part strengths and with two LoRAs at once, and diffusers must not warn about
+any LoRA key it could not place.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from loralab.models.family import ModelFamily
 from loralab.models.tiny import build_tiny_components
 from loralab.network.lora import NetworkSpec
 from loralab.network.lora_file import build_lora_metadata, read_lora_file, save_lora_file
-from loralab.network.merge import LoraUse, apply_loras, merge_loras, remove_loras
+from loralab.network.merge import LoraUse, apply_loras, fuse_loras, merge_loras, remove_loras
 
 TOLERANCE = 1e-5
 TINY = ("sd15", "sdxl")
@@ -160,7 +161,7 @@ SCENARIOS = {
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_diffusers_loads_our_file_and_agrees_with_our_apply_and_merge(setup: TinySetup, scenario: str) -> None:
+def test_diffusers_loads_our_file_and_agrees_with_our_apply_fuse_and_merge(setup: TinySetup, scenario: str) -> None:
     adapters, weights, uses_spec = SCENARIOS[scenario]
     paths = setup.files
 
@@ -188,6 +189,14 @@ def test_diffusers_loads_our_file_and_agrees_with_our_apply_and_merge(setup: Tin
         assert max(max_difference(model_outputs(setup.shared_base), expected).values()) <= TOLERANCE
     finally:
         remove_loras(networks)
+    assert max(max_difference(model_outputs(setup.shared_base), setup.base_outputs).values()) == 0.0
+
+    # Fused for generation, then restored: the base is back exactly.
+    fused = fuse_loras(setup.shared_base, uses)
+    try:
+        assert max(max_difference(model_outputs(setup.shared_base), expected).values()) <= TOLERANCE
+    finally:
+        fused.restore()
     assert max(max_difference(model_outputs(setup.shared_base), setup.base_outputs).values()) == 0.0
 
     merged = build_tiny_components(setup.tiny, seed=0)

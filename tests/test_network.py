@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from lora_test_support import LOCON_SPEC, full_size, max_difference, model_outputs, random_network
+from lora_test_support import LOCON_SPEC, full_size, max_difference, model_outputs, random_network, weight_digests
 from torch import nn
 
 from loralab.errors import ConfigError, LoraFileError
@@ -22,7 +22,14 @@ from loralab.models.tiny import build_tiny_components, make_tiny
 from loralab.network.kohya_names import diffusers_unet_path_to_sgm, parse_foreign_key, sgm_unet_path_to_diffusers
 from loralab.network.lora import AdaptedLayer, LoRAModule, LoRANetwork, NetworkSpec, lora_delta_weight
 from loralab.network.lora_file import build_lora_metadata, read_lora_file, save_lora_file
-from loralab.network.merge import LoraUse, apply_loras, merge_loras, remove_loras, save_merged_checkpoint
+from loralab.network.merge import (
+    LoraUse,
+    apply_loras,
+    fuse_loras,
+    merge_loras,
+    remove_loras,
+    save_merged_checkpoint,
+)
 from loralab.network.targets import find_lora_target_details, find_lora_targets
 
 
@@ -309,6 +316,97 @@ def test_lora_made_on_checkpoint_a_applies_to_checkpoint_b(tmp_path: Path) -> No
     assert min(max_difference(after, before).values()) > 1e-2
     merge_loras(b, [LoraUse(read_lora_file(path))])
     assert max(max_difference(model_outputs(b), after).values()) < 1e-5
+
+
+def _conv3x3_only(network: LoRANetwork) -> LoRANetwork:
+    """The network's LoRAs on 3x3 convs only (ResNet blocks, down/upsamplers)."""
+    modules = {
+        name: module
+        for name, module in network.lora_modules().items()
+        if isinstance(module.lora_down, nn.Conv2d) and module.lora_down.kernel_size != (1, 1)
+    }
+    assert modules
+    return LoRANetwork(modules, family=network.family)
+
+
+def _fuse_cases(components) -> dict[str, list[LoraUse]]:
+    linear = random_network(components, NetworkSpec(rank=4, alpha=2.5), seed=3)  # Linear and 1x1-conv layers
+    return {
+        "linear": [LoraUse(linear, multiplier=0.8)],
+        "conv3x3": [LoraUse(_conv3x3_only(random_network(components, seed=4)))],
+        "two_at_once": [
+            LoraUse(random_network(components, seed=1), multiplier=0.7),
+            LoraUse(
+                random_network(components, NetworkSpec(rank=2, alpha=4.0), seed=2),
+                unet_multiplier=1.3,
+                text_encoder_multiplier=0.5,
+            ),
+        ],
+    }
+
+
+@pytest.mark.parametrize("case", ["linear", "conv3x3", "two_at_once"])
+def test_fused_loras_give_the_live_adapters_outputs_and_restore_bit_exactly(case: str) -> None:
+    components = build_tiny_components("sd15", seed=0)
+    base_outputs, before = model_outputs(components), weight_digests(components)
+    uses = _fuse_cases(components)[case]
+    live = apply_loras(components, uses)
+    expected = model_outputs(components)
+    remove_loras(live)
+    assert max(max_difference(expected, base_outputs).values()) > 1e-2  # the LoRAs change the outputs
+
+    fused = fuse_loras(components, uses)
+    assert adapted_layers(components) == []  # the LoRAs are in the weights, not next to them
+    changed = {key for key, digest in weight_digests(components).items() if digest != before[key]}
+    layers = {name for use in uses for name in use.lora.lora_modules()}
+    assert len(changed) == fused.layer_count == len(layers) > 0
+    assert all(key.endswith(".weight") for key in changed)  # biases untouched
+    outputs = model_outputs(components)
+    for key, value in expected.items():  # fp32: only the order of the sums differs
+        assert (outputs[key] - value).abs().max() <= 1e-5 * value.abs().max(), key
+
+    merged = build_tiny_components("sd15", seed=0)
+    merge_loras(merged, uses)
+    assert weight_digests(merged) == weight_digests(components)  # one delta computation for both
+
+    fused.restore()
+    assert weight_digests(components) == before and fused.layer_count == 0
+    fused.restore()  # a second restore changes nothing
+    assert weight_digests(components) == before
+
+
+def test_fusing_at_weight_zero_touches_nothing_and_fp16_restores_bit_exactly(monkeypatch) -> None:
+    components = build_tiny_components("sd15", seed=0)
+    for model in (components.unet, *components.text_encoders):
+        model.to(torch.float16)
+    before = weight_digests(components)
+    network = random_network(components, seed=5)
+    assert fuse_loras(components, [LoraUse(network, multiplier=0.0)]).layer_count == 0
+    assert weight_digests(components) == before
+
+    text_encoder_only = fuse_loras(components, [LoraUse(network, unet_multiplier=0.0)])
+    assert text_encoder_only.layer_count == len(network.lora_modules("text_encoder"))
+    assert all(digest == before[key] for key, digest in weight_digests(components).items() if key.startswith("unet."))
+    name = next(iter(network.lora_modules("text_encoder")))
+    assert find_lora_targets(components)[name].weight.dtype == torch.float16  # fused in the weight's dtype
+    assert weight_digests(components) != before
+    text_encoder_only.restore()
+    assert weight_digests(components) == before  # copied back, not subtracted (fp16 would not round-trip)
+
+    # A failure part way (here: the 5th layer's delta) restores the layers fused before it.
+    calls = {"count": 0}
+    original = LoRAModule.delta_weight
+
+    def failing(self: LoRAModule, multiplier: float | None = None) -> torch.Tensor:
+        calls["count"] += 1
+        if calls["count"] == 5:
+            raise RuntimeError("out of memory")
+        return original(self, multiplier)
+
+    monkeypatch.setattr(LoRAModule, "delta_weight", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fuse_loras(components, [LoraUse(network)])
+    assert calls["count"] == 5 and weight_digests(components) == before
 
 
 def test_lora_for_another_family_is_refused_naming_both(sd15, tmp_path: Path) -> None:

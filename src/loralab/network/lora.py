@@ -139,9 +139,10 @@ class LoRAModule(nn.Module):
             scale = scale / (1.0 - self.rank_dropout)
         return self.lora_up(hidden) * (self.multiplier * scale)
 
-    def delta_weight(self) -> torch.Tensor:
-        """The weight change this LoRA makes at its current multiplier (fp32, layer-shaped)."""
-        return lora_delta_weight(self.lora_down.weight, self.lora_up.weight, self.multiplier * self.scale)
+    def delta_weight(self, multiplier: float | None = None) -> torch.Tensor:
+        """The weight change this LoRA makes at ``multiplier`` (default: its current one), fp32, layer-shaped."""
+        multiplier = self.multiplier if multiplier is None else multiplier
+        return lora_delta_weight(self.lora_down.weight, self.lora_up.weight, multiplier * self.scale)
 
 
 class AdaptedLayer(nn.Module):

@@ -1,10 +1,14 @@
-"""Use LoRAs on a loaded model: apply them switchably, merge them into the weights, save the result.
+"""Use LoRAs on a loaded model: apply them switchably, fuse or merge them into the weights, save the result.
 
 Applying (:func:`apply_loras`) adds LoRA modules next to the model's layers; :func:`remove_loras`
-takes them out again, so one loaded base model serves any number of LoRAs in turn. Merging
-(:func:`merge_loras`) adds ``multiplier * alpha/rank * up @ down`` to the weights themselves, and
+takes them out again, so one loaded base model serves any number of LoRAs in turn (training uses
+this: its LoRA must stay a module to learn). Merging (:func:`merge_loras`) adds
+``multiplier * alpha/rank * up @ down`` to the weights themselves for good, and
 :func:`save_merged_checkpoint` writes the components as one single-file (LDM/SGM layout)
-safetensors checkpoint that any webui loads.
+safetensors checkpoint that any webui loads. Fusing (:func:`fuse_loras`) merges the same way but
+keeps a copy of each weight it changes, and :meth:`FusedLoras.restore` copies them back bit for bit:
+inference then runs at the speed of the bare model (no LoRA term per layer and step), as A1111
+renders with LoRAs.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 
 from loralab.models.loading import StableDiffusionComponents
 from loralab.models.saving import save_single_file
-from loralab.network.lora import AdaptedLayer, LoRANetwork
+from loralab.network.lora import AdaptedLayer, LoRAModule, LoRANetwork
 from loralab.network.lora_file import LoraFile
 from loralab.network.targets import ModelParts
 
@@ -73,18 +77,90 @@ def remove_loras(networks: Sequence[LoRANetwork]) -> None:
             network.remove()
 
 
+def _weight_changes(
+    components: ModelParts, loras: Sequence[LoraUse], strict: bool
+) -> list[tuple[torch.Tensor, list[tuple[LoRAModule, float]]]]:
+    """Each weight the LoRAs change, with the (LoRA module, multiplier) pairs that change it.
+
+    Modules at multiplier 0 are left out, so a LoRA at weight 0 touches no weight at all (adding a
+    zero delta would still turn a ``-0.0`` into ``0.0``). The multiplier is read as each use is
+    resolved, so one network used twice at two strengths counts twice.
+    """
+    changes: dict[int, tuple[torch.Tensor, list[tuple[LoRAModule, float]]]] = {}
+    for use in loras:
+        network = _network_for(use, components, strict)
+        for _name, module, target in network.iter_targets(components):
+            if module.multiplier != 0.0:
+                weight = target.module.weight
+                changes.setdefault(id(weight), (weight, []))[1].append((module, module.multiplier))
+    return list(changes.values())
+
+
 @torch.no_grad()
+def _add_deltas(weight: torch.Tensor, modules: Sequence[tuple[LoRAModule, float]]) -> None:
+    """``weight += sum of the modules' deltas``: summed in fp32, rounded to the weight's dtype once."""
+    total = weight.float()
+    for module, multiplier in modules:
+        total = total + module.delta_weight(multiplier).to(weight.device).reshape(weight.shape)
+    weight.copy_(total.to(weight.dtype))
+
+
 def merge_loras(components: ModelParts, loras: Sequence[LoraUse], *, strict: bool = True) -> None:
     """Add each LoRA's weight change to the weights of ``components`` in place.
 
     Deltas are computed in fp32 and added in the weights' own dtype. Same errors as :func:`apply_loras`.
     """
-    for use in loras:
-        network = _network_for(use, components, strict)
-        for _name, module, target in network.iter_targets(components):
-            weight = target.module.weight
-            delta = module.delta_weight().to(weight.device).reshape(weight.shape)
-            weight.copy_((weight.float() + delta).to(weight.dtype))
+    for weight, modules in _weight_changes(components, loras, strict):
+        _add_deltas(weight, modules)
+
+
+class FusedLoras:
+    """LoRAs fused into a model's weights by :func:`fuse_loras`, and the original weights to restore.
+
+    Holds a copy of each weight a LoRA changed (only those) on the CPU, as A1111 keeps its
+    backups, so fusing costs no accelerator memory. :meth:`restore` copies them back (bit for bit,
+    never by subtracting the delta again, which would leave rounding behind) and frees them; it is
+    safe to call twice.
+    """
+
+    def __init__(self) -> None:
+        self._backups: list[tuple[torch.Tensor, torch.Tensor]] = []  # (live weight, its original)
+
+    @property
+    def layer_count(self) -> int:
+        """How many weights are changed (and backed up) now."""
+        return len(self._backups)
+
+    @torch.no_grad()
+    def _fuse(self, weight: torch.Tensor, modules: Sequence[tuple[LoRAModule, float]]) -> None:
+        self._backups.append((weight, weight.detach().to("cpu", copy=True)))
+        _add_deltas(weight, modules)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every changed weight back to its original values and drop the copies."""
+        while self._backups:
+            weight, original = self._backups.pop()
+            weight.copy_(original)
+
+
+def fuse_loras(components: ModelParts, loras: Sequence[LoraUse], *, strict: bool = True) -> FusedLoras:
+    """Merge ``loras`` into the weights of ``components`` until the returned handle's ``restore()``.
+
+    The weights change exactly as :func:`merge_loras` changes them (fp32 deltas, several LoRAs on
+    one layer summed before rounding to the weight's dtype once); layers no LoRA changes are
+    neither touched nor copied. Fuse files' LoRAs only: a network being trained must stay applied
+    as modules (:func:`apply_loras`) to receive gradients. A failure part way restores what was
+    already fused before it raises. Same errors as :func:`apply_loras`.
+    """
+    fused = FusedLoras()
+    try:
+        for weight, modules in _weight_changes(components, loras, strict):
+            fused._fuse(weight, modules)
+    except BaseException:
+        fused.restore()
+        raise
+    return fused
 
 
 def save_merged_checkpoint(

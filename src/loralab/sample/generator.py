@@ -8,9 +8,12 @@ seed, size and clip skip. The engine:
   of 8, CFG above 0, known sampler, LoRA names found, LoRA family = checkpoint family (read from
   file headers), readable prompt syntax;
 - renders requests grouped by checkpoint, so each checkpoint loads once however the requests are
-  ordered (one model is kept loaded at a time, as A1111 does by default);
-- applies LoRAs as modules next to the layers (``loralab.network.merge.apply_loras``) and switches
-  them, or only their strengths, between images without reloading anything;
+  ordered (one model is kept loaded at a time, as A1111 does by default), and on a checkpoint
+  grouped by LoRAs and strengths, so each set is fused once per call;
+- fuses file LoRAs into the weights for the images that use them (``loralab.network.merge.fuse_loras``,
+  as A1111 does: an image with LoRAs costs what one without does) and restores the original
+  weights bit for bit when the LoRAs or their strengths change, when a call ends (on an error
+  too) and on :meth:`GenerationEngine.close`, so between calls the model is always as loaded;
 - encodes prompts as A1111 does (``embeddings.PromptEncoder``) and runs diffusers'
   ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``, built once per checkpoint from the
   loaded modules (no download, no safety checker), with those embeddings;
@@ -34,7 +37,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from PIL import Image
@@ -45,7 +48,7 @@ from loralab.models.family import ModelFamily
 from loralab.models.loading import StableDiffusionComponents, inspect_checkpoint, load_checkpoint
 from loralab.network.lora import LoRANetwork
 from loralab.network.lora_file import check_family
-from loralab.network.merge import LoraUse, apply_loras, remove_loras
+from loralab.network.merge import FusedLoras, LoraUse, fuse_loras
 from loralab.sample.embeddings import EmbeddingLibrary, PromptEmbedding, PromptEncoder
 from loralab.sample.hashes import checkpoint_short_hash
 from loralab.sample.lora_library import LoraChoice, LoraLibrary
@@ -121,23 +124,27 @@ class PreparedRequest:
     def model_key(self) -> tuple[Path, Path | None]:
         return (_absolute(self.request.checkpoint), _absolute(self.request.vae) if self.request.vae else None)
 
+    @property
+    def lora_key(self) -> tuple[tuple[Path, float, float], ...]:
+        """(file, text-encoder strength, UNet strength) per LoRA: equal keys render with equal weights."""
+        return tuple((c.path, c.te_multiplier, c.unet_multiplier) for c in self.loras)
+
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can share one pipeline call."""
         r = self.request
-        loras = tuple((c.path, c.te_multiplier, c.unet_multiplier) for c in self.loras)
-        return (self.model_key, loras, self.sampler, r.steps, r.cfg_scale, r.width, r.height, r.clip_skip)
+        return (self.model_key, self.lora_key, self.sampler, r.steps, r.cfg_scale, r.width, r.height, r.clip_skip)
 
 
 @dataclass
 class _LoadedModel:
-    """One checkpoint in memory, its pipeline, and the LoRA networks made for it."""
+    """One checkpoint in memory, its pipeline, the LoRA networks made for it and those fused now."""
 
     key: tuple[Path, Path | None]
     components: StableDiffusionComponents
     pipeline: Any
     networks: dict[tuple[Path, int], LoRANetwork] = field(default_factory=dict)
-    active: list[LoRANetwork] = field(default_factory=list)
-    active_paths: tuple[Path, ...] = ()
+    fused: FusedLoras | None = None
+    fused_key: tuple[tuple[Path, float, float], ...] = ()  # PreparedRequest.lora_key of the fused LoRAs
     encoders: dict[int | None, PromptEncoder] = field(default_factory=dict)
 
 
@@ -229,9 +236,9 @@ class GenerationEngine:
     def use_components(self, components: StableDiffusionComponents, name: str = "in-memory") -> Path:
         """Render on ``components`` already in memory (a model being trained, say) instead of loading.
 
-        Returns the checkpoint path to put in requests for them. LoRAs the requests name are applied
-        next to whatever the components carry and removed again by :meth:`close`, which leaves the
-        components themselves as they were.
+        Returns the checkpoint path to put in requests for them. LoRA files the requests name are
+        fused into the weights during each call and restored after it; networks the components
+        carry as modules (a LoRA being trained) stay as they are, applied on top.
         """
         self.close()
         key = _absolute(Path(name))
@@ -307,10 +314,12 @@ class GenerationEngine:
     def iter_generate(
         self, requests: Sequence[ImageRequest], *, batch_size: int = 1
     ) -> Iterator[tuple[int, GeneratedImage]]:
-        """Yield ``(index in requests, image)`` as images are made, checkpoint by checkpoint.
+        """Yield ``(index in requests, image)`` as images are made: checkpoint by checkpoint, and on
+        each checkpoint LoRA set by LoRA set (requests with the same LoRAs and strengths in a row).
 
         All requests are checked first (:meth:`prepare`). Up to ``batch_size`` consecutive requests
-        that differ only in prompt and seed share one pipeline call.
+        that differ only in prompt and seed share one pipeline call. When the iteration ends, fails
+        or is abandoned, fused LoRAs are taken out of the weights again.
         """
         if batch_size < 1:
             raise GenerationError(f"batch size {batch_size} must be 1 or more")
@@ -318,15 +327,20 @@ class GenerationEngine:
         groups = _grouped_by_model(prepared)
         if self._model is not None:  # the model already in memory goes first: one load fewer
             groups.sort(key=lambda group: prepared[group[0]].model_key != self._model.key)  # type: ignore[union-attr]
-        for group in groups:
-            for batch in _batches(group, prepared, batch_size):
-                images = self._render([prepared[i] for i in batch])
-                yield from zip(batch, images)
+        try:
+            for group in groups:
+                for batch in _batches(group, prepared, batch_size):
+                    images = self._render([prepared[i] for i in batch])
+                    yield from zip(batch, images)
+        finally:
+            # Callers may read or train the components between calls (engine.components,
+            # use_components): they must find the weights as loaded.
+            self._unfuse()
 
     def _render(self, batch: Sequence[PreparedRequest]) -> list[GeneratedImage]:
         first = batch[0]
         model = self._use_model(first.model_key)
-        self._activate_loras(model, first.loras)
+        self._activate_loras(model, first)
         encoder = self._encoder(model, first.request.clip_skip)
         positives = [encoder.encode(p.prompt_text) for p in batch]
         negatives = [encoder.encode(p.request.negative_prompt, negative=True) for p in batch]
@@ -393,25 +407,37 @@ class GenerationEngine:
         self._model = _LoadedModel(key, components, build_pipeline(components, scheduler))
         return self._model
 
-    def _activate_loras(self, model: _LoadedModel, choices: Sequence[LoraChoice]) -> None:
-        """Make ``choices`` the applied LoRAs: only strengths change when the files are the same."""
-        paths = tuple(choice.path for choice in choices)
-        if paths != model.active_paths:
-            remove_loras(model.active)
-            model.active, model.active_paths = [], ()
-            uses = []
-            seen: dict[Path, int] = {}
-            for choice in choices:
-                occurrence = seen[choice.path] = seen.get(choice.path, -1) + 1  # same file twice: two networks
-                network_key = (choice.path, occurrence)
-                if network_key not in model.networks:
-                    lora_file = self.loras.read(choice.path)
-                    model.networks[network_key] = LoRANetwork.from_lora_file(lora_file, model.components)
-                uses.append(LoraUse(model.networks[network_key]))
-            model.active = apply_loras(model.components, uses)
-            model.active_paths = paths
-        for network, choice in zip(model.active, choices):
-            network.set_multiplier(1.0, unet=choice.unet_multiplier, text_encoder=choice.te_multiplier)
+    def _activate_loras(self, model: _LoadedModel, prepared: PreparedRequest) -> None:
+        """Make ``prepared``'s LoRAs the ones fused into the weights (nothing to do when they already are).
+
+        Another set or other strengths restore the original weights first and fuse anew: deltas
+        are never subtracted, so no rounding accumulates however often LoRAs switch.
+        """
+        key = prepared.lora_key
+        if model.fused is not None and key == model.fused_key:
+            return
+        self._unfuse()
+        uses = []
+        seen: dict[Path, int] = {}
+        for choice in prepared.loras:
+            occurrence = seen[choice.path] = seen.get(choice.path, -1) + 1  # same file twice: two networks
+            network_key = (choice.path, occurrence)
+            if network_key not in model.networks:
+                lora_file = self.loras.read(choice.path)
+                model.networks[network_key] = LoRANetwork.from_lora_file(lora_file, model.components)
+            uses.append(
+                LoraUse(model.networks[network_key], unet_multiplier=choice.unet_multiplier,
+                        text_encoder_multiplier=choice.te_multiplier)
+            )  # fmt: skip
+        model.fused = fuse_loras(model.components, uses)
+        model.fused_key = key
+
+    def _unfuse(self) -> None:
+        """Restore the loaded model's original weights where LoRAs are fused into them."""
+        model = self._model
+        if model is not None and model.fused is not None:
+            model.fused.restore()
+            model.fused, model.fused_key = None, ()
 
     def _encoder(self, model: _LoadedModel, clip_skip: int | None) -> PromptEncoder:
         if clip_skip not in model.encoders:
@@ -423,13 +449,13 @@ class GenerationEngine:
     def close(self) -> None:
         """Drop the loaded model (its LoRA networks too) and free its memory."""
         if self._model is not None:
-            remove_loras(self._model.active)
+            self._unfuse()
             self._model = None
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def __enter__(self) -> GenerationEngine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -482,11 +508,16 @@ def _padded(hidden: torch.Tensor, chunks: int, padding: PromptEmbedding | None) 
 
 
 def _grouped_by_model(prepared: Sequence[PreparedRequest]) -> list[list[int]]:
-    """Request indices per checkpoint (and VAE), groups in order of first appearance."""
-    groups: dict[tuple[Path, Path | None], list[int]] = {}
+    """Request indices per checkpoint (and VAE), groups in order of first appearance.
+
+    Inside a group, requests with the same LoRAs and strengths follow each other (sets in order of
+    first appearance): a sweep's images alternate LoRA weights, and each switch restores and
+    fuses the weights anew.
+    """
+    groups: dict[tuple[Path, Path | None], dict[tuple[Any, ...], list[int]]] = {}
     for index, item in enumerate(prepared):
-        groups.setdefault(item.model_key, []).append(index)
-    return list(groups.values())
+        groups.setdefault(item.model_key, {}).setdefault(item.lora_key, []).append(index)
+    return [[index for run in by_loras.values() for index in run] for by_loras in groups.values()]
 
 
 def _batches(indices: Sequence[int], prepared: Sequence[PreparedRequest], batch_size: int) -> Iterator[list[int]]:

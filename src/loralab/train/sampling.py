@@ -12,11 +12,12 @@ without ``--d`` gets the seed ``config.seed + line index`` (not a random one), s
 of two runs can be compared image by image.
 
 The images come from ``loralab.sample.generator.GenerationEngine`` rendering on the components
-being trained (nothing is loaded or downloaded), with the LoRA applied as it is trained. So a
-sample is the image ``loralab generate`` makes from the same prompt, seed and settings with the
-LoRA saved at that point at weight 1: prompts are read with A1111's syntax (attention weights,
-long prompts in 75-token chunks, as sd-scripts' own long-prompt sampling pipeline reads them) and
-samplers follow A1111's schedules. Each image carries its A1111 ``parameters`` text
+being trained (nothing is loaded or downloaded), with the LoRA applied as modules as it is
+trained (never fused into the weights, which must stay as they are for training). So a sample is
+the image ``loralab generate`` makes from the same prompt, seed and settings with the LoRA saved
+at that point at weight 1, up to rounding (``generate`` fuses LoRA files into the weights):
+prompts are read with A1111's syntax (attention weights, long prompts in 75-token chunks, as
+sd-scripts' own long-prompt sampling pipeline reads them) and samplers follow A1111's schedules. Each image carries its A1111 ``parameters`` text
 (``image.info``), which :func:`save_png_atomically` writes into the PNG.
 """
 
