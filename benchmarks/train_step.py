@@ -14,16 +14,17 @@ forward, UNet forward, MSE, backward and the optimizer step. It prints the media
 ``--full`` adds a randomly initialised full-size SD1.5 (written in fp16 to a temporary file,
 about 2 GB; ``--checkpoint FILE`` reuses one) at 64 px, batch 1, rank 4, AdamW, fp32, latents
 cached, UNet and text encoder trained, run through the real CLI in a child process: s/step,
-time from the child's launch to its first finished step, and its peak RSS; then the floor in
-this process. The child gets glibc's ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
-(unless already set), which cut page-fault work per step on CPU.
+time from the child's launch to its first finished step, and its peak RSS. The floor runs in a
+child process too, alternating with ours ``--rounds`` times. Both children get glibc's
+``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` (unless already set), which cut
+page-fault work per step on CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -60,7 +61,14 @@ def write_model(spec: ModelSpec, out: Path) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from loralab.models.architecture import TextEncoderSizes, UNetSizes, VaeSizes, text_encoder_config, unet_config, vae_config
+    from loralab.models.architecture import (
+        TextEncoderSizes,
+        UNetSizes,
+        VaeSizes,
+        text_encoder_config,
+        unet_config,
+        vae_config,
+    )
     from loralab.models.family import ModelFamily
     from loralab.models.loading import StableDiffusionComponents, make_noise_scheduler
     from loralab.models.saving import save_single_file
@@ -174,7 +182,10 @@ def compare(spec: ModelSpec, work: Path, steps: int, repeats: int, threads: int,
           f"floor {floor_median * 1000:8.1f} ms/step  ratio {ours_median / floor_median:5.3f}", flush=True)  # fmt: skip
 
 
-def full_size(work: Path, checkpoint: Path | None, steps: int, repeats: int, threads: int) -> None:
+def full_size(work: Path, checkpoint: Path | None, steps: int, repeats: int, threads: int, rounds: int) -> None:
+    """Our CLI run and the floor, alternated ``rounds`` times, each in a fresh child process with the
+    same environment (allocator settings included), so neither gets a warmer or differently tuned
+    process than the other."""
     from loralab.config.loading import save_config
     from loralab.models.family import ModelFamily
     from loralab.models.tiny import write_random_full_size
@@ -187,23 +198,31 @@ def full_size(work: Path, checkpoint: Path | None, steps: int, repeats: int, thr
     data = write_dataset(work / "full", 64)
     config_path = work / "full.toml"
     save_config(bench_config(checkpoint, data, 64, steps, threads, rank=4), config_path)
-    # Fill the latent cache first: the measured run then starts as a rerun of a sweep does.
-    cache_env = {**os.environ, "LORALAB_CACHE_DIR": str(work / "cache"), **{k: os.environ.get(k, v) for k, v in MALLOC_ENV.items()}}
+    # Fill the latent cache first: the measured runs then start as a rerun of a sweep does.
+    env = {**os.environ, "LORALAB_CACHE_DIR": str(work / "cache"), **{k: os.environ.get(k, v) for k, v in MALLOC_ENV.items()}}
     command = [sys.executable, "-m", "loralab", "train", str(config_path), "--quiet", "--run-dir"]
-    subprocess.run([*command, str(work / "full-warm"), "--set", "max_train_steps=1"], env=cache_env, check=True)
-    launched = time.time()
-    subprocess.run([*command, str(work / "full-run")], env=cache_env, check=True)
-    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB (max of the children)
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    subprocess.run([*command, str(work / "full-warm"), "--set", "max_train_steps=1"], env=env, check=True)
+    floor_command = [sys.executable, __file__, "--floor-only", str(checkpoint), "--threads", str(threads),
+                     "--repeats", str(repeats)]  # fmt: skip
+    ours, floor, first_steps, peaks = [], [], [], []
+    for round_index in range(rounds):
+        run_dir = work / f"full-run{round_index}"
+        launched = time.time()
+        subprocess.run([*command, str(run_dir)], env=env, check=True)
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(work / "full-run" / "logs"), size_guidance={"scalars": 0})
-    events.Reload()
-    first_step = events.Scalars("loss/current")[0].wall_time - launched
-    ours = statistics.median(step_times(work / "full-run")[1:])
-    torch.set_num_threads(threads)
-    floor = statistics.median(floor_seconds(checkpoint, 64, 4, repeats))
-    print(f"full    SD1.5 64px  ours {ours:.3f} s/step  floor {floor:.3f} s/step  ratio {ours / floor:5.3f}  "
-          f"launch-to-first-step {first_step:.1f} s  peak RSS {peak_rss:.2f} GiB", flush=True)  # fmt: skip
+        events = EventAccumulator(str(run_dir / "logs"), size_guidance={"scalars": 0})
+        events.Reload()
+        first_steps.append(events.Scalars("loss/current")[0].wall_time - launched)
+        ours += step_times(run_dir)[1:]
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        peaks.append(manifest["final_metrics"]["peak_memory_mb"] / 1024)
+        printed = subprocess.run(floor_command, env=env, check=True, capture_output=True, text=True).stdout
+        floor += json.loads(printed.strip().splitlines()[-1])
+    ours_median, floor_median = statistics.median(ours), statistics.median(floor)
+    print(f"full    SD1.5 64px  ours {ours_median:.3f} s/step  floor {floor_median:.3f} s/step  ratio "
+          f"{ours_median / floor_median:5.3f}  launch-to-first-step {statistics.median(first_steps):.1f} s "
+          f"(rounds: {', '.join(f'{t:.1f}' for t in first_steps)})  peak RSS {max(peaks):.2f} GiB", flush=True)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank of the tiny/medium runs")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of our run and the floor (tiny/medium)")
     parser.add_argument("--skip-small", action="store_true", help="leave out the tiny and medium models")
+    parser.add_argument("--floor-only", type=Path, help=argparse.SUPPRESS)  # the floor's child process
     args = parser.parse_args(argv)
+    if args.floor_only is not None:
+        torch.set_num_threads(args.threads)
+        print(json.dumps(floor_seconds(args.floor_only, 64, 4, args.repeats)))
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="loralab-bench-") as folder:
         work = Path(folder)
@@ -226,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         for spec in () if args.skip_small else (TINY, MEDIUM):
             compare(spec, work, args.steps, args.repeats, args.threads, args.rank, args.rounds)
         if args.full:
-            full_size(work, args.checkpoint, args.steps, args.repeats, args.threads)
+            full_size(work, args.checkpoint, args.steps, args.repeats, args.threads, args.rounds)
     return 0
 
 
