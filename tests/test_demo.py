@@ -5,6 +5,7 @@ demo's class images (prior preservation) on their own."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import re
 
 import pytest
@@ -87,3 +88,18 @@ def test_report_references_only_existing_images(demo_dir):
     assert images, "the report shows no images"
     missing = [str(path) for path in images if not path.is_file()]
     assert not missing
+
+
+def test_sweep_files_work_from_a_relative_output_folder(tmp_path, monkeypatch):
+    # `make demo` passes a relative --out: the sweep file must find its baseline from anywhere.
+    from loralab.demo.settings import QUICK, write_sweep_files
+    from loralab.sweep.expand import expand_sweep
+    from loralab.sweep.spec import read_sweep
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "img" / "1_blh ring").mkdir(parents=True)
+    (tmp_path / "reg" / "1_ring").mkdir(parents=True)
+    sweep = write_sweep_files(Path("out/config"), Path("img").resolve(), Path("reg").resolve(), QUICK)
+    monkeypatch.chdir(tmp_path / "out")  # the sweep is read from another working directory
+    expansion = expand_sweep(read_sweep(Path("config") / sweep.name))
+    assert expansion.baseline.train_data_dir == tmp_path / "img"

@@ -144,6 +144,7 @@ def write_sweep_files(folder: Path, dataset_img_dir: Path, reg_dir: Path, size: 
     save_config(baseline_config(dataset_img_dir, reg_dir, size), baseline)
     sweep = folder / "sweep.toml"
     temporary = sweep.with_name(f".{sweep.name}.tmp")
-    temporary.write_text(sweep_toml(baseline, size), encoding="utf-8")
+    # Named relative to the sweep file (as sweep files resolve paths), so any --out works, relative too.
+    temporary.write_text(sweep_toml(Path(baseline.name), size), encoding="utf-8")
     temporary.replace(sweep)
     return sweep
