@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -81,6 +81,7 @@ class CheckpointFile:
         self._handle: BinaryIO | None = None  # unbuffered file for reading safetensors data
         self._locations: dict[str, tuple[torch.dtype, list[int], int, int]] = {}  # dtype, shape, start, end
         self._scratch = torch.empty(0, dtype=torch.uint8)  # stored bytes of a tensor being cast
+        self._ahead: dict[str, torch.Tensor] = {}  # tensors read ahead (see take_prefetched), not yet asked for
         if not self.path.exists():
             raise CheckpointError(f"checkpoint not found: {self.path}")
         if self.path.is_dir():
@@ -159,6 +160,13 @@ class CheckpointFile:
         ``dtype``: cast each floating-point tensor to it as it is read, so a half-precision file
         loaded into float32 never holds both precisions of more than one tensor.
         """
+        ahead = take_prefetched(self.path, dtype)
+        if ahead:
+            self._ahead.update(ahead)
+        return {key: self._ahead.pop(key) if key in self._ahead else self._read_one(key, dtype) for key in keys}
+
+    def read_from_file(self, keys: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """``read``, always from the file (what a read ahead does)."""
         return {key: self._read_one(key, dtype) for key in keys}
 
     def _read_one(self, key: str, dtype: torch.dtype | None) -> torch.Tensor:
@@ -210,6 +218,7 @@ class CheckpointFile:
         self._handle = None
         self._locations = {}
         self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._ahead = {}
 
     def __enter__(self) -> CheckpointFile:
         return self
@@ -231,3 +240,42 @@ def read_state_dict(path: Path | str, *, include: Callable[[str], bool] | None =
     with CheckpointFile(path) as checkpoint:
         keys = [k for k in checkpoint.keys() if include is None or include(k)]
         return checkpoint.read(keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors read ahead (loralab.models.prefetch fills this; CheckpointFile.read takes from it)
+
+PrefetchKey = tuple[str, int, int, torch.dtype]  # resolved path, size, mtime, dtype
+
+
+class Prefetched(Protocol):
+    def take(self) -> dict[str, torch.Tensor] | None: ...
+
+    def discard(self) -> None: ...
+
+
+_PREFETCHED: dict[PrefetchKey, Prefetched] = {}
+
+
+def prefetch_key(path: Path, dtype: torch.dtype) -> PrefetchKey:
+    """What identifies tensors read ahead: the file as it is now, and the dtype they were cast to."""
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, dtype)
+
+
+def take_prefetched(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor] | None:
+    """The tensors of ``path`` read ahead in ``dtype`` (waiting for the reader to finish), once;
+    None when none were (or the read ahead failed: the caller reads and reports for itself)."""
+    if not _PREFETCHED or dtype is None:
+        return None
+    try:
+        entry = _PREFETCHED.pop(prefetch_key(path, dtype), None)
+    except OSError:
+        return None
+    return entry.take() if entry is not None else None
+
+
+def discard_prefetched() -> None:
+    """Drop every read ahead nobody took (a run whose model came from elsewhere), freeing its memory."""
+    while _PREFETCHED:
+        _PREFETCHED.popitem()[1].discard()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.errors import ConfigError, LoralabError
+from loralab.models.prefetch import checkpoint_prefetch
 
 _DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -58,6 +59,15 @@ def _worker(local_rank: int, world_size: int, port: int, results: Any, kwargs: d
         results.put(("ok", result))
 
 
+def _base_weight_dtype(config: Any) -> Any:
+    from loralab.train.precision import resolve_precision
+
+    return resolve_precision(
+        config.mixed_precision, full_fp16=config.full_fp16, full_bf16=config.full_bf16,
+        save_precision=config.save_precision,
+    ).base_weight_dtype  # fmt: skip
+
+
 def launch_training(num_processes: int, config: Any, *, run_dir: Path | None, **kwargs: Any) -> Any:
     """Run :func:`~loralab.train.run.train` in ``num_processes`` local processes; returns the main
     process's ``RunResult``. One process runs in this process, without spawning.
@@ -65,12 +75,15 @@ def launch_training(num_processes: int, config: Any, *, run_dir: Path | None, **
     Raises ``ConfigError`` for a bad count or when already inside a distributed launch, and
     re-raises a ``LoralabError`` that any process raised.
     """
-    from loralab.train.run import default_run_dir, train
-
     if num_processes < 1:
         raise ConfigError(f"--num-processes {num_processes} must be at least 1")
     if num_processes == 1:
-        return train(config, run_dir=run_dir, **kwargs)
+        # The checkpoint is read while diffusers and transformers import (see models.prefetch).
+        with checkpoint_prefetch(config.pretrained_model_name_or_path, _base_weight_dtype(config), with_vae=not config.vae):
+            from loralab.train.run import train
+
+            return train(config, run_dir=run_dir, **kwargs)
+    from loralab.train.run import default_run_dir
     if any(name in os.environ for name in _DISTRIBUTED_ENV):
         raise ConfigError("already running under a distributed launcher (accelerate/torchrun); leave out --num-processes")
 

@@ -35,6 +35,7 @@ from loralab.data.latent_cache import LatentCache, default_cache_dir, vae_dtype_
 from loralab.data.text_cache import TextEncoderCache
 from loralab.data.transforms import CaptionOptions
 from loralab.errors import CheckpointError, ConfigError
+from loralab.models.checkpoint_file import discard_prefetched
 from loralab.models.family import ModelFamily
 from loralab.models.loading import StableDiffusionComponents
 from loralab.network.lora import LoRANetwork, NetworkSpec
@@ -48,7 +49,13 @@ from loralab.train.lr_schedules import build_lr_scheduler
 from loralab.train.manifest import build_manifest, legacy_model_hash, read_manifest, relative_names, write_manifest
 from loralab.train.noise import NoiseSettings
 from loralab.train.optimizer_setup import setup_optimizer as build_run_optimizer
-from loralab.train.precision import PrecisionPlan, apply_cpu_threads, cast_trainable_parameters, make_grad_scaler, resolve_precision
+from loralab.train.precision import (
+    PrecisionPlan,
+    apply_cpu_threads,
+    cast_trainable_parameters,
+    make_grad_scaler,
+    resolve_precision,
+)
 from loralab.train.resume import changed_totals, resume_hint, rewind_event_files
 from loralab.train.sampling import read_sample_prompts
 from loralab.train.save_names import final_lora_name
@@ -136,6 +143,7 @@ def train(
             save_precision=config.save_precision,
         )  # fmt: skip
         components = setup_model(config, precision, accelerator.device, base_model=base_model, cleanup=cleanup)
+        discard_prefetched()  # a read ahead this run did not use must not stay in memory
         network, spec, text_encoder_params, unet_params = setup_network(config, components, precision)
         cleanup.callback(network.remove)  # a lent base model goes back without this run's LoRA
         dataset, plan, text_cache = setup_data(config, components, accelerator, train_text_encoder=bool(text_encoder_params))
