@@ -62,10 +62,16 @@ def test_a_lent_model_trains_the_same_lora_and_is_handed_back(workspace, tmp_pat
     lent = _lent_model(workspace)
     before = _as_lent(lent)
     seen = []
-    hooks = LoopHooks(after_step=lambda report: seen.append(lent.unet.is_gradient_checkpointing))
+    encoder = lent.text_encoders[0]
+    hooks = LoopHooks(
+        after_step=lambda report: seen.append(
+            lent.unet.is_gradient_checkpointing
+            and getattr(encoder, "is_activation_checkpointing", encoder.is_gradient_checkpointing)
+        )
+    )
     result = train(workspace.config, run_dir=tmp_path / "lent", progress="quiet", hooks=hooks, base_model=lent)
 
-    assert seen and all(seen)  # the run did switch checkpointing on for itself
+    assert seen and all(seen)  # the run did switch checkpointing on (UNet and text encoder) for itself
     assert max_tensor_difference(lora_tensors(own.final_lora), lora_tensors(result.final_lora)) == 0.0
     assert series(own.run_dir)["loss/current"] == series(result.run_dir)["loss/current"]
     after = _as_lent(lent)

@@ -252,7 +252,7 @@ def setup_model(
     if config.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         for encoder in components.text_encoders:
-            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_activation_checkpointing(encoder)
     return components
 
 
@@ -426,6 +426,16 @@ def _check_family(config: Any, components: StableDiffusionComponents) -> None:
         logger.info("%s is an SDXL checkpoint; training it as SDXL", source)
     if config.v2 and family is not ModelFamily.SD2:
         raise CheckpointError(f"v2 is set but {source} is an {family.label} checkpoint; unset v2")
+
+
+def _enable_activation_checkpointing(encoder: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing of a transformers text encoder, under the name its version has
+    (transformers 5 renamed ``gradient_checkpointing_enable``; the old name warns)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(encoder, "activation_checkpointing_enable"):
+        encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _set_attention(config: Any, components: StableDiffusionComponents) -> None:
