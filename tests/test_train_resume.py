@@ -57,11 +57,16 @@ def test_sigint_finishes_the_step_saves_and_resumes_exactly(workspace, tmp_path,
             os.kill(os.getpid(), signal.SIGINT)
 
     run_dir = tmp_path / "run"
-    stopped = train(workspace.config, run_dir=run_dir, progress="quiet", hooks=LoopHooks(after_step=interrupt))
+    # Python's own handler before the run (a test worker may have started with another one).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        stopped = train(workspace.config, run_dir=run_dir, progress="quiet", hooks=LoopHooks(after_step=interrupt))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handler is gone
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert stopped.status == "interrupted" and stopped.global_step == 3
     assert (run_dir / "tiny-step00000003.safetensors").is_file()
     assert f"--resume {run_dir}" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handler is gone
 
     resumed = train(workspace.config, run_dir=None, resume=run_dir, progress="quiet")
     _assert_same_run(workspace.reference, resumed)
