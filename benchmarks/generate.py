@@ -108,7 +108,9 @@ def write_lora(checkpoint_components: StableDiffusionComponents, out: Path) -> P
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for module in network.lora_modules().values():
-            module.lora_up.weight.normal_(0.0, 1e-3, generator=generator)
+            # Drawn on the CPU generator, then copied: the model may live on a GPU.
+            weight = module.lora_up.weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 1e-3)
     metadata = build_lora_metadata(family=checkpoint_components.family, network=spec, title="bench")
     return save_lora_file(out, network.state_dict(), metadata)
 
