@@ -7,6 +7,7 @@ import io
 import json
 import math
 import random
+import time
 
 import numpy as np
 import pytest
@@ -471,6 +472,20 @@ def test_tensorboard_tags_are_written_and_read_back(tmp_path):
     assert records[2] == {"epoch": 1, "loss/epoch": 0.125}
     assert records[3] == {"step": 3, "loss/current": None}
 
+
+
+def test_series_of_a_resumed_run_are_read_in_the_order_written(tmp_path):
+    # A resumed run writes a second event file; its name may sort before the first one's.
+    logs = tmp_path / "logs"
+    for steps in ((1, 2, 3), (4, 5, 6)):
+        with MetricsLogger(logs) as logger:
+            for step in steps:
+                logger.log_step(step, {"loss/current": 0.1 * step})
+        time.sleep(0.01)
+    first, second = sorted(logs.iterdir(), key=lambda path: path.stat().st_mtime_ns)  # in writing order
+    first.rename(logs / "events.out.tfevents.zz")  # the earlier file now sorts last
+    second.rename(logs / "events.out.tfevents.aa")
+    assert [step for step, _ in read_scalars(logs)["loss/current"]] == [1, 2, 3, 4, 5, 6]
 
 # ---------------------------------------------------------------------------------------------
 # optimizer

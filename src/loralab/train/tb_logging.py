@@ -160,12 +160,18 @@ class MetricsLogger:
 
 
 def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series in ``log_dir``'s event files: tag -> [(step, value), ...] in order."""
+    """Every scalar series in ``log_dir``'s event files: tag -> [(step, value), ...] in the order
+    they were written.
+
+    A resumed run adds an event file; TensorBoard reads files in name order, and names made within
+    one second differ only in a counter compared as text ("10" before "9"), so the series are
+    put in order of their events' wall times.
+    """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     accumulator.Reload()
     return {
-        tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+        tag: [(event.step, event.value) for event in sorted(accumulator.Scalars(tag), key=lambda e: e.wall_time)]
         for tag in accumulator.Tags()["scalars"]
     }
