@@ -105,15 +105,10 @@ def _check_loss(config: TrainConfig) -> None:
 def _check_stage_rules(config: TrainConfig) -> None:
     from loralab.data.buckets import BucketManager
     from loralab.train.noise import NoiseSettings
-    from loralab.train.precision import resolve_precision
+    from loralab.train.precision import config_precision
 
     BucketManager.from_config(config)
-    resolve_precision(
-        config.mixed_precision,
-        full_fp16=config.full_fp16,
-        full_bf16=config.full_bf16,
-        save_precision=config.save_precision,
-    )
+    config_precision(config)
     NoiseSettings.from_config(config).timestep_range()
 
 

@@ -24,8 +24,8 @@ import torch
 
 from loralab.data.latent_cache import state_dict_digest
 from loralab.models.loading import StableDiffusionComponents
-from loralab.train.base_model import load_base_model, reset_to_loaded_modes
-from loralab.train.precision import resolve_precision
+from loralab.train.base_model import load_base_model
+from loralab.train.precision import config_precision
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +39,12 @@ def run_device() -> torch.device:
 
 def model_key(config: Any, device: torch.device | None = None) -> ModelKey:
     """What decides the loaded components of ``config``'s base model."""
-    precision = resolve_precision(
-        config.mixed_precision, full_fp16=config.full_fp16, full_bf16=config.full_bf16,
-        save_precision=config.save_precision,
-    )  # fmt: skip
     return (
         str(config.pretrained_model_name_or_path),
         str(config.vae) if config.vae else None,
         str(config.tokenizer_path) if config.tokenizer_path else None,
         bool(config.v_parameterization),
-        str(precision.base_weight_dtype),
+        str(config_precision(config).base_weight_dtype),
         str(device or run_device()),
     )
 
@@ -77,11 +73,7 @@ class BaseModelPool:
         if self._loaded is not None and self._loaded.key == key:
             return self._loaded.components
         self.release()
-        precision = resolve_precision(
-            config.mixed_precision, full_fp16=config.full_fp16, full_bf16=config.full_bf16,
-            save_precision=config.save_precision,
-        )  # fmt: skip
-        components = load_base_model(config, weight_dtype=precision.base_weight_dtype, device=device)
+        components = load_base_model(config, device=device)
         self.load_count += 1
         self._loaded = _Loaded(key, components, frozen_digest(components))
         return components
@@ -89,13 +81,11 @@ class BaseModelPool:
     def check_restored(self) -> bool:
         """After a run: True when the held model's weights are exactly as loaded; else drop it.
 
-        The modules' modes go back to those of a freshly loaded model too (eval mode, no gradients,
-        no gradient checkpointing): a run switches on what its config asks for, never off.
+        (The run itself has put the modules' modes back; see ``train.base_model``.)
         """
         if self._loaded is None:
             return True
         if frozen_digest(self._loaded.components) == self._loaded.digest:
-            reset_to_loaded_modes(self._loaded.components)
             return True
         logger.warning("the base model changed during the last run; it is loaded again for the next one")
         self.release()

@@ -18,17 +18,18 @@ import torch
 
 from loralab.errors import ConfigError
 from loralab.models.loading import StableDiffusionComponents, load_checkpoint
+from loralab.train.precision import config_precision
 
 
-def load_base_model(config: Any, *, weight_dtype: torch.dtype, device: torch.device) -> StableDiffusionComponents:
+def load_base_model(config: Any, *, device: torch.device) -> StableDiffusionComponents:
     """The config's base checkpoint (with its VAE, tokenizer and prediction-type settings), frozen
-    weights in ``weight_dtype`` on ``device``. Raises ``CheckpointError`` for an unusable one."""
+    weights in the run's weight dtype, on ``device``. Raises ``CheckpointError`` for an unusable one."""
     return load_checkpoint(
         config.pretrained_model_name_or_path,
         v_parameterization=True if config.v_parameterization else None,
         vae_path=config.vae,
         tokenizer_path=config.tokenizer_path,
-        dtype=weight_dtype,
+        dtype=config_precision(config).base_weight_dtype,
         device=device,
     )
 

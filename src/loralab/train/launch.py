@@ -23,6 +23,7 @@ from typing import Any
 
 from loralab.errors import ConfigError, LoralabError
 from loralab.models.prefetch import checkpoint_prefetch
+from loralab.train.precision import config_precision
 
 _DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -59,15 +60,6 @@ def _worker(local_rank: int, world_size: int, port: int, results: Any, kwargs: d
         results.put(("ok", result))
 
 
-def _base_weight_dtype(config: Any) -> Any:
-    from loralab.train.precision import resolve_precision
-
-    return resolve_precision(
-        config.mixed_precision, full_fp16=config.full_fp16, full_bf16=config.full_bf16,
-        save_precision=config.save_precision,
-    ).base_weight_dtype  # fmt: skip
-
-
 def launch_training(num_processes: int, config: Any, *, run_dir: Path | None, **kwargs: Any) -> Any:
     """Run :func:`~loralab.train.run.train` in ``num_processes`` local processes; returns the main
     process's ``RunResult``. One process runs in this process, without spawning.
@@ -79,7 +71,8 @@ def launch_training(num_processes: int, config: Any, *, run_dir: Path | None, **
         raise ConfigError(f"--num-processes {num_processes} must be at least 1")
     if num_processes == 1:
         # The checkpoint is read while diffusers and transformers import (see models.prefetch).
-        with checkpoint_prefetch(config.pretrained_model_name_or_path, _base_weight_dtype(config), with_vae=not config.vae):
+        weight_dtype = config_precision(config).base_weight_dtype
+        with checkpoint_prefetch(config.pretrained_model_name_or_path, weight_dtype, with_vae=not config.vae):
             from loralab.train.run import train
 
             return train(config, run_dir=run_dir, **kwargs)

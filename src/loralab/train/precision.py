@@ -18,6 +18,7 @@ import contextlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -72,6 +73,14 @@ def resolve_precision(
         use_grad_scaler=mixed_precision == "fp16",
         save_dtype=SAVE_PRECISION_DTYPES[save_precision] if save_precision else None,
     )
+
+
+def config_precision(config: Any) -> PrecisionPlan:
+    """``resolve_precision`` of a ``TrainConfig``'s precision options."""
+    return resolve_precision(
+        config.mixed_precision, full_fp16=config.full_fp16, full_bf16=config.full_bf16,
+        save_precision=config.save_precision,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager

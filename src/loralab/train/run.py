@@ -53,8 +53,8 @@ from loralab.train.precision import (
     PrecisionPlan,
     apply_cpu_threads,
     cast_trainable_parameters,
+    config_precision,
     make_grad_scaler,
-    resolve_precision,
 )
 from loralab.train.resume import changed_totals, resume_hint, rewind_event_files
 from loralab.train.sampling import read_sample_prompts
@@ -138,10 +138,7 @@ def train(
         if main:
             save_config(config, run_dir / "config.toml")
 
-        precision = resolve_precision(
-            config.mixed_precision, full_fp16=config.full_fp16, full_bf16=config.full_bf16,
-            save_precision=config.save_precision,
-        )  # fmt: skip
+        precision = config_precision(config)
         components = setup_model(config, precision, accelerator.device, base_model=base_model, cleanup=cleanup)
         discard_prefetched()  # a read ahead this run did not use must not stay in memory
         network, spec, text_encoder_params, unet_params = setup_network(config, components, precision)
@@ -242,7 +239,7 @@ def setup_model(
             raise ValueError("a lent base model needs the run's cleanup stack to be handed back")
         components = lend_base_model(base_model, device=device, weight_dtype=precision.base_weight_dtype, cleanup=cleanup)
     else:
-        components = load_base_model(config, weight_dtype=precision.base_weight_dtype, device=device)
+        components = load_base_model(config, device=device)
     _check_family(config, components)
     if components.vae.dtype != vae_dtype_for(config):  # diffusers warns on every cast, needed or not
         components.vae.to(dtype=vae_dtype_for(config))

@@ -50,6 +50,7 @@ from loralab.train.save_names import parse_lora_name
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Cadence:
     """Every N epochs and/or every N steps (0 or None: never), as sd-scripts' ``*_every_n_*``."""
