@@ -146,6 +146,7 @@ class _LoadedModel:
     fused: FusedLoras | None = None
     fused_key: tuple[tuple[Path, float, float], ...] = ()  # PreparedRequest.lora_key of the fused LoRAs
     encoders: dict[int | None, PromptEncoder] = field(default_factory=dict)
+    owned: bool = True  # loaded by the engine (False: components lent by the caller, see use_components)
 
 
 def build_pipeline(components: StableDiffusionComponents, scheduler: Any) -> Any:
@@ -244,7 +245,7 @@ class GenerationEngine:
         key = _absolute(Path(name))
         self._families[key] = components.family
         scheduler = build_scheduler(resolve_sampler("Euler"), components.noise_scheduler)
-        self._model = _LoadedModel((key, None), components, build_pipeline(components, scheduler))
+        self._model = _LoadedModel((key, None), components, build_pipeline(components, scheduler), owned=False)
         return key
 
     def render(
@@ -450,10 +451,13 @@ class GenerationEngine:
         """Drop the loaded model (its LoRA networks too) and free its memory."""
         if self._model is not None:
             self._unfuse()
-            self._model = None
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            owned, self._model = self._model.owned, None
+            # Lent components stay in memory with their owner: nothing to free (and a training
+            # run that samples would pay for a collection and a refilled CUDA cache each time).
+            if owned:
+                gc.collect()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
 
     def __enter__(self) -> Self:
         return self
