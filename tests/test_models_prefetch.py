@@ -4,6 +4,7 @@ not fit (another dtype, a changed file) or are never taken are not used and are 
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import pytest
@@ -74,3 +75,23 @@ def test_only_single_safetensors_files_are_read_ahead(tmp_path):
     folder = make_tiny("sd15", "diffusers", tmp_path / "folder")
     with checkpoint_prefetch(folder, torch.float32), checkpoint_prefetch(None, torch.float32):
         assert not checkpoint_file._PREFETCHED
+
+
+def test_the_switch_interval_is_short_while_reading_and_restored_after(checkpoint, monkeypatch):
+    # The reader needs the GIL a few times per tensor while the main thread imports; with the
+    # default 5 ms interval it waited seconds for it on the full-size model.
+    release = threading.Event()
+    original = CheckpointFile.read_from_file
+
+    def held_read(self, keys, dtype=None):
+        release.wait(timeout=30)
+        return original(self, keys, dtype)
+
+    monkeypatch.setattr(CheckpointFile, "read_from_file", held_read)
+    before = sys.getswitchinterval()
+    with checkpoint_prefetch(checkpoint, torch.float32):
+        assert sys.getswitchinterval() < before / 10
+        release.set()
+        (entry,) = checkpoint_file._PREFETCHED.values()
+        assert entry.take()
+        assert sys.getswitchinterval() == before

@@ -23,8 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from loralab.imports import heavy_imports
+
     # Imported here so that `loralab --help` does not pay for torch and diffusers.
-    from loralab.demo import run_demo
+    with heavy_imports():
+        from loralab.demo import run_demo
 
     result = run_demo(args.out, quick=args.quick, printer=lambda line: print(line, flush=True))
     return 1 if result.failed_runs else 0

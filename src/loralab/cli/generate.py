@@ -100,10 +100,13 @@ def _template(args: argparse.Namespace) -> RequestTemplate:
 
 
 def _engine(args: argparse.Namespace) -> GenerationEngine:
-    import torch
+    from loralab.imports import heavy_imports
 
-    from loralab.sample.embeddings import EmbeddingLibrary
-    from loralab.sample.generator import GenerationEngine
+    with heavy_imports():
+        import torch
+
+        from loralab.sample.embeddings import EmbeddingLibrary
+        from loralab.sample.generator import GenerationEngine
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision or ("fp16" if device.startswith("cuda") else "fp32")

@@ -42,8 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from loralab.imports import heavy_imports
+
     # Imported here so that `loralab --help` does not pay for torch and diffusers.
-    from loralab.sweep.runner import SweepOptions, progress_mode, run_sweep
+    with heavy_imports():
+        from loralab.sweep.runner import SweepOptions, progress_mode, run_sweep
 
     if args.address and args.backend != "ray":
         from loralab.sweep.spec import SweepError

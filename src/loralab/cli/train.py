@@ -46,9 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from loralab.imports import heavy_imports
+
     # Imported here so that `loralab --help` does not pay for torch and diffusers.
-    from loralab.config.loading import load_config
-    from loralab.train.launch import launch_training
+    with heavy_imports():
+        from loralab.config.loading import load_config
+        from loralab.train.launch import launch_training
 
     config = load_config(args.config, args.overrides)
     progress = "quiet" if args.quiet else "jsonl" if args.jsonl else "bar"

@@ -11,6 +11,7 @@ failure leaves the normal read to load (and report) as if nothing had been read.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,13 @@ def _model_prefixes(with_vae: bool) -> tuple[str, ...]:
     return (LDM_UNET_PREFIX, *sorted(encoders), *((LDM_VAE_PREFIX,) if with_vae else ()))
 
 
+# While the main thread imports it holds the GIL, and a thread waiting for it gets it only after
+# the switch interval (5 ms by default). The reader needs it a few times per tensor (1,100
+# tensors in SD1.5), which left it waiting seconds in all; a short interval lets it finish while
+# the imports still run.
+_READING_SWITCH_INTERVAL = 0.0002
+
+
 class _ReadAhead:
     """One checkpoint being read in a background thread; the tensors go to whoever takes them first."""
 
@@ -34,6 +42,8 @@ class _ReadAhead:
         self._done = threading.Event()
         self._tensors: dict[str, torch.Tensor] | None = None
         self._dropped = False
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, _READING_SWITCH_INTERVAL))
         threading.Thread(
             target=self._read, args=(path, dtype, prefixes), name="loralab-checkpoint-prefetch", daemon=True
         ).start()
@@ -47,6 +57,7 @@ class _ReadAhead:
         except Exception:  # noqa: BLE001 - the normal read reports the problem with its own message
             self._tensors = None
         finally:
+            sys.setswitchinterval(self._switch_interval)
             self._done.set()
 
     def take(self) -> dict[str, torch.Tensor] | None:

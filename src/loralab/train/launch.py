@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.errors import ConfigError, LoralabError
+from loralab.imports import heavy_imports
 from loralab.models.prefetch import checkpoint_prefetch
 from loralab.train.precision import config_precision
 
@@ -73,7 +74,8 @@ def launch_training(num_processes: int, config: Any, *, run_dir: Path | None, **
         # The checkpoint is read while diffusers and transformers import (see models.prefetch).
         weight_dtype = config_precision(config).base_weight_dtype
         with checkpoint_prefetch(config.pretrained_model_name_or_path, weight_dtype, with_vae=not config.vae):
-            from loralab.train.run import train
+            with heavy_imports():
+                from loralab.train.run import train
 
             return train(config, run_dir=run_dir, **kwargs)
     from loralab.train.run import default_run_dir
