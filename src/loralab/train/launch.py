@@ -50,7 +50,8 @@ def _worker(local_rank: int, world_size: int, port: int, results: Any, kwargs: d
     # accelerate sets torch's threads from OMP_NUM_THREADS (and warns when unset); the run's own
     # num_cpu_threads_per_process still wins.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
-    from loralab.train.run import train
+    with heavy_imports():
+        from loralab.train.run import train
 
     try:
         result = train(**kwargs)
