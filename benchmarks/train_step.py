@@ -9,7 +9,8 @@ consecutive steps' TensorBoard events (everything the loop does: data, noise, lo
 logging). In the same process it then times the floor: the same model with the same LoRA (rank,
 alpha, UNet and text encoder), the same shapes, and the same optimizer, doing only text-encoder
 forward, UNet forward, MSE, backward and the optimizer step. It prints the medians and
-``ratio = ours / floor`` (target <= 1.05).
+``ratio = ours / floor`` (target <= 1.05): the median of the rounds' ratios, each round one run of
+ours and the floor right after it.
 
 ``--full`` adds a randomly initialised full-size SD1.5 (written in fp16 to a temporary file,
 about 2 GB; ``--checkpoint FILE`` reuses one) at 64 px, batch 1, rank 4, AdamW, fp32, latents
@@ -163,23 +164,25 @@ def floor_seconds(checkpoint: Path, resolution: int, rank: int, repeats: int) ->
 
 
 def compare(spec: ModelSpec, work: Path, steps: int, repeats: int, threads: int, rank: int, rounds: int) -> None:
-    """Alternate our run and the floor ``rounds`` times (a shared machine's load drifts) and
-    compare the medians of all their steps."""
+    """Alternate our run and the floor ``rounds`` times and take the median of the rounds' ratios
+    (each of our medians over the floor's right after it): a shared machine's load drifts between
+    rounds far more than within one."""
     from loralab.train.run import train
 
     checkpoint = write_model(spec, work / f"{spec.name}.safetensors")
     data = write_dataset(work / spec.name, spec.resolution)
     config = bench_config(checkpoint, data, spec.resolution, steps, threads, rank)
-    ours, floor = [], []
+    ours, floor, ratios = [], [], []
     for round_index in range(rounds):
         run_dir = work / f"{spec.name}-run{round_index}"
         train(config, run_dir=run_dir, progress="quiet")
-        ours += step_times(run_dir)[2:]
+        ours.append(statistics.median(step_times(run_dir)[2:]))
         torch.set_num_threads(threads)
-        floor += floor_seconds(checkpoint, spec.resolution, rank, repeats)
-    ours_median, floor_median = statistics.median(ours), statistics.median(floor)
-    print(f"{spec.name:<7} {spec.resolution:>4}px  ours {ours_median * 1000:8.1f} ms/step  "
-          f"floor {floor_median * 1000:8.1f} ms/step  ratio {ours_median / floor_median:5.3f}", flush=True)  # fmt: skip
+        floor.append(statistics.median(floor_seconds(checkpoint, spec.resolution, rank, repeats)))
+        ratios.append(ours[-1] / floor[-1])
+    print(f"{spec.name:<7} {spec.resolution:>4}px  ours {statistics.median(ours) * 1000:8.1f} ms/step  "
+          f"floor {statistics.median(floor) * 1000:8.1f} ms/step  ratio {statistics.median(ratios):5.3f} "
+          f"(rounds: {', '.join(f'{r:.3f}' for r in ratios)})", flush=True)  # fmt: skip
 
 
 def full_size(work: Path, checkpoint: Path | None, steps: int, repeats: int, threads: int, rounds: int) -> None:
@@ -233,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=8, help="timed floor steps")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank of the tiny/medium runs")
-    parser.add_argument("--rounds", type=int, default=3, help="alternations of our run and the floor (tiny/medium)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternations of our run and the floor (tiny/medium)")
     parser.add_argument("--skip-small", action="store_true", help="leave out the tiny and medium models")
     parser.add_argument("--floor-only", type=Path, help=argparse.SUPPRESS)  # the floor's child process
     args = parser.parse_args(argv)

@@ -256,6 +256,26 @@ def test_damaged_entry_is_encoded_again(dataset_dir: Path, tmp_path: Path) -> No
     assert (stats.cached, stats.encoded) == (len(requests) - 1, 1)
 
 
+def test_entries_read_once_stay_in_memory_within_the_budget(dataset_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A run reads each entry from disk once (sd-scripts keeps cached latents in RAM), up to the
+    budget; entries beyond it are read from disk every time."""
+    vae = tiny_vae()
+    requests = TrainingDataset.from_config(small_config(dataset_dir)).latent_requests()
+    first, second = LatentCache.for_vae(vae, root=tmp_path / "cache").keys_for(requests)[:2]
+    LatentCache.for_vae(vae, root=tmp_path / "cache").fill(vae, requests)
+    entry_bytes = sum(t.numel() * t.element_size() for t in LatentCache.for_vae(vae, root=tmp_path / "cache").load(first))
+    monkeypatch.setattr(latent_cache_module, "MEMORY_BUDGET_BYTES", entry_bytes)  # room for one entry
+    cache = LatentCache.for_vae(vae, root=tmp_path / "cache")
+    reads: list[Path] = []
+    original = latent_cache_module.read_safetensors
+    monkeypatch.setattr(latent_cache_module, "read_safetensors", lambda path, names: reads.append(path) or original(path, names))
+    expected = [cache.load(first), cache.load(second)]
+    again = [cache.load(first), cache.load(second)]
+    assert reads == [cache.path_for(first), cache.path_for(second), cache.path_for(second)]
+    for (mean, logvar), (mean_again, logvar_again) in zip(expected, again):
+        assert torch.equal(mean, mean_again) and torch.equal(logvar, logvar_again)
+
+
 def test_vae_digest_is_memoised_by_file_identity(checkpoints, tmp_path: Path, monkeypatch) -> None:
     calls = []
     real_digest = latent_cache_module.state_dict_digest

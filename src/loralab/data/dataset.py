@@ -39,7 +39,7 @@ for bucket settings.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,13 +286,16 @@ class TrainingDataset:
 
     def loader(
         self, epoch: int, start: int = 0, *, num_workers: int = 0, part: tuple[int, int] | None = None
-    ) -> DataLoader:
-        """A DataLoader over :meth:`iter_epoch`'s batches, built in ``num_workers`` processes.
+    ) -> Iterable[Batch]:
+        """:meth:`iter_epoch`'s batches, built in ``num_workers`` processes (a DataLoader), or in
+        this one for 0 (directly: a DataLoader would only add its per-batch bookkeeping).
 
         ``part=(rank, per_process)``: each batch holds only the ``per_process`` samples from
         position ``rank * per_process`` on (fewer, or none, in a bucket's short last batch).
         """
         batches = EpochBatches(self, epoch, start, part)
+        if num_workers == 0:
+            return batches
         return DataLoader(batches, batch_size=None, shuffle=False, num_workers=num_workers)
 
     # --- latent cache -------------------------------------------------------------------------
@@ -342,6 +345,9 @@ class EpochBatches(TorchDataset):
 
     def __len__(self) -> int:
         return self.total - self.start
+
+    def __iter__(self) -> Iterator[Batch]:
+        return (self[index] for index in range(len(self)))
 
     def __getitem__(self, index: int) -> Batch:
         if self.part is None:

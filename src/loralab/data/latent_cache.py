@@ -41,13 +41,14 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.utils.data import get_worker_info
 from tqdm import tqdm
 
 from loralab.data.transforms import CropGeometry, to_tensor, training_pixels
@@ -252,6 +253,32 @@ def read_image_bytes(path: Path) -> bytes:
         raise DatasetError(f"cannot read image {path}: {exc.strerror or exc}; check the file") from exc
 
 
+# Entries a training process has read stay in its memory up to this size, as sd-scripts keeps
+# cached latents in RAM: reading a file every step cost more than the rest of a small model's step
+# outside the model. Entries are content-addressed, so a remembered one can never be stale.
+MEMORY_BUDGET_BYTES = 1 << 30
+
+
+class _ReadEntries:
+    """Entries already read, up to a byte budget; the first ones read stay (an epoch reads each
+    entry once, so no eviction order would do better)."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.used = budget, 0
+        self.entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.entries.get(key)
+
+    def keep(self, key: str, entry: tuple[torch.Tensor, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in entry)
+        # Data-loader workers end with their epoch: what they would keep is lost, and it would
+        # multiply the memory by the number of workers.
+        if self.used + size <= self.budget and get_worker_info() is None:
+            self.entries[key] = entry
+            self.used += size
+
+
 @dataclass(frozen=True)
 class LatentCache:
     """The cache entries of one VAE (by weights identity) and dtype, under ``root``.
@@ -265,6 +292,9 @@ class LatentCache:
     dtype: str
     scaling_factor: float
     shift_factor: float | None = None
+    _read: _ReadEntries = field(
+        default_factory=lambda: _ReadEntries(MEMORY_BUDGET_BYTES), init=False, repr=False, compare=False
+    )
 
     @classmethod
     def for_vae(cls, vae: Any, *, source: Path | str | None = None, root: Path | str | None = None) -> LatentCache:
@@ -317,14 +347,19 @@ class LatentCache:
         return read_safetensors(self.path_for(key), _ENTRY_TENSORS) is not None
 
     def load(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean, logvar)`` of one entry, each ``(C, h, w)`` float32."""
+        """``(mean, logvar)`` of one entry, each ``(C, h, w)`` float32 (shared: do not modify them)."""
+        entry = self._read.get(key)
+        if entry is not None:
+            return entry
         tensors = read_safetensors(self.path_for(key), _ENTRY_TENSORS)
         if tensors is None:
             raise DatasetError(
                 f"latent cache entry {self.path_for(key)} is missing or unreadable; run 'loralab cache' "
                 f"again (delete the file if it is damaged)"
             )
-        return tensors["mean"], tensors["logvar"]
+        entry = (tensors["mean"], tensors["logvar"])
+        self._read.keep(key, entry)
+        return entry
 
     def store(self, key: str, mean: torch.Tensor, logvar: torch.Tensor, request: LatentRequest, image_hash: str) -> None:
         """Write one entry atomically; the metadata records where it came from, for people."""

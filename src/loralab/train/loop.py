@@ -274,7 +274,7 @@ def train_loop(s: TrainingSession) -> LoopOutcome:
                     s.grad_scaler.unscale_(s.optimizer)
                 # 11. Clip, then step (the scaler skips steps whose fp16 gradients overflowed).
                 if config.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm, foreach=True)
+                    clip_gradients(trainable, config.max_grad_norm)
                 if s.grad_scaler is not None:
                     s.grad_scaler.step(s.optimizer)
                     s.grad_scaler.update()
@@ -396,8 +396,10 @@ def _sum_gradients_over_processes(acc: Any, params: list[torch.nn.Parameter]) ->
     Each process's gradient is its share of the global batch mean, so the sum is the gradient
     of the whole batch, exactly as one process would compute it.
     """
+    if acc.num_processes == 1:
+        return
     params = [p for p in params if p.requires_grad]  # text encoders may have stopped training
-    if acc.num_processes == 1 or not params:
+    if not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = acc.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="sum")
@@ -406,6 +408,23 @@ def _sum_gradients_over_processes(acc: Any, params: list[torch.nn.Parameter]) ->
         count = param.numel()
         param.grad = flat[offset : offset + count].view_as(param).to(param.dtype)
         offset += count
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_`` (same norm, same coefficient, same result) without its
+    per-tensor Python work: a LoRA has hundreds of small gradients, and on a CPU moving each
+    one's norm separately cost more than computing the norms."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    if len({(grad.device, grad.dtype) for grad in grads}) > 1:
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    if grads[0].device.type == "cpu" and coefficient.item() == 1.0:
+        return  # a factor of exactly 1 changes nothing (on a GPU the check would cost a sync)
+    torch._foreach_mul_(grads, coefficient)
 
 
 def _sum_over_processes(acc: Any, values: torch.Tensor) -> torch.Tensor:
@@ -417,6 +436,8 @@ def _sum_over_processes(acc: Any, values: torch.Tensor) -> torch.Tensor:
 
 def _stop_agreed(acc: Any, stop: StopSignals) -> bool:
     """True on every process once any of them received a stop signal."""
+    if acc.num_processes == 1:
+        return stop.requested
     flag = torch.tensor([1.0 if stop.requested else 0.0])
     return bool(_sum_over_processes(acc, flag).item() > 0)
 

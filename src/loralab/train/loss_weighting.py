@@ -78,6 +78,15 @@ class LossWeighting:
     debiased_estimation_loss: bool = False
     prior_loss_weight: float = 1.0
 
+    @property
+    def uses_snr(self) -> bool:
+        return bool(
+            self.min_snr_gamma
+            or self.scale_v_pred_loss_like_noise_pred
+            or self.v_pred_like_loss
+            or self.debiased_estimation_loss
+        )
+
     @classmethod
     def from_config(cls, config: Any) -> LossWeighting:
         """Read the options from a ``TrainConfig`` (``v_parameterization`` sets ``v_prediction``)."""
@@ -99,14 +108,17 @@ class LossWeighting:
         ``is_reg`` marks regularisation samples (bool, one per sample); ``alphas_cumprod``
         defaults to the SD scaled-linear schedule.
         """
-        if alphas_cumprod is None:
-            alphas_cumprod = scaled_linear_alphas_cumprod()
         # Computed on the CPU (a handful of numbers), returned on the timesteps' device.
-        snr = snr_from_alphas_cumprod(alphas_cumprod.cpu())[timesteps.long().cpu()]
-        weight = torch.ones_like(snr)
-        if is_reg is not None:
+        weight = torch.ones(timesteps.shape[0], dtype=torch.float32)
+        if is_reg is not None and self.prior_loss_weight != 1.0:
             prior = torch.where(is_reg.bool().cpu(), self.prior_loss_weight, 1.0).to(weight.dtype)
             weight = weight * prior
+        if not self.uses_snr:
+            return weight.to(device=timesteps.device)
+        if alphas_cumprod is None:
+            alphas_cumprod = scaled_linear_alphas_cumprod()
+        # Elementwise, so the SNR of the batch's timesteps only is the same as indexing sd-scripts' all_snr.
+        snr = snr_from_alphas_cumprod(alphas_cumprod.cpu()[timesteps.long().cpu()])
         if self.min_snr_gamma:
             weight = weight * min_snr_weight(snr, self.min_snr_gamma, self.v_prediction)
         if self.scale_v_pred_loss_like_noise_pred:
