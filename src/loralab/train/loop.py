@@ -196,7 +196,7 @@ def train_loop(s: TrainingSession) -> LoopOutcome:
             started = time.perf_counter()
             text_encoder_trains = _text_encoders_train(s, global_step)
             # Per batch of the window: this process's summed weighted loss; last: non-finite count.
-            stats = torch.zeros(len(window) + 1, dtype=torch.float64)
+            stats = [0.0] * (len(window) + 1)
             sample_offset = 0
             for micro, batch in enumerate(window):
                 sample_indices = [sample_offset + p for p in batch.positions]
@@ -256,8 +256,8 @@ def train_loop(s: TrainingSession) -> LoopOutcome:
 
             # 9. Agree across processes on the losses (for logging) and on non-finite batches.
             totals = _sum_over_processes(acc, stats)
-            batch_losses = [float(totals[i]) / window[i].full_size for i in range(len(window))]
-            skipped = bool(totals[-1] > 0)
+            batch_losses = [totals[i] / window[i].full_size for i in range(len(window))]
+            skipped = totals[-1] > 0
             if skipped and s.on_non_finite == "stop":
                 last = str(s.last_good_lora) if s.last_good_lora else None
                 raise NonFiniteLossError(
@@ -427,19 +427,19 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> None:
     torch._foreach_mul_(grads, coefficient)
 
 
-def _sum_over_processes(acc: Any, values: torch.Tensor) -> torch.Tensor:
-    """``values`` summed over all processes (on the CPU); one process skips the collective."""
+def _sum_over_processes(acc: Any, values: list[float]) -> list[float]:
+    """``values`` summed over all processes; one process skips the collective (and the tensor)."""
     if acc.num_processes == 1:
         return values
-    return acc.reduce(values.to(acc.device), reduction="sum").cpu()
+    summed = acc.reduce(torch.tensor(values, dtype=torch.float64, device=acc.device), reduction="sum")
+    return summed.cpu().tolist()
 
 
 def _stop_agreed(acc: Any, stop: StopSignals) -> bool:
     """True on every process once any of them received a stop signal."""
     if acc.num_processes == 1:
         return stop.requested
-    flag = torch.tensor([1.0 if stop.requested else 0.0])
-    return bool(_sum_over_processes(acc, flag).item() > 0)
+    return _sum_over_processes(acc, [1.0 if stop.requested else 0.0])[0] > 0
 
 
 @torch.no_grad()
@@ -478,8 +478,8 @@ def _log_step(
     images: int,
     extra: dict[str, float],
 ) -> None:
-    if not s.accelerator.is_main_process:
-        return
+    if s.metrics is None and s.progress_bar is None:
+        return  # not the main process (or nothing to show)
     average = s.loss_recorder.moving_average
     if s.metrics is not None:
         scalars = step_scalars(
