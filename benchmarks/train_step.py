@@ -10,15 +10,17 @@ logging). In the same process it then times the floor: the same model with the s
 alpha, UNet and text encoder), the same shapes, and the same optimizer, doing only text-encoder
 forward, UNet forward, MSE, backward and the optimizer step. It prints the medians and
 ``ratio = ours / floor`` (target <= 1.05): the median of the rounds' ratios, each round one run of
-ours and the floor right after it.
+ours and the floor right after it; then the ratio of the two sides' fastest quarters of steps, and
+the CPU time the host took for other machines meanwhile (``steal`` in ``/proc/stat``), which tells
+a disturbed measurement from a slow one.
 
 ``--full`` adds a randomly initialised full-size SD1.5 (written in fp16 to a temporary file,
 about 2 GB; ``--checkpoint FILE`` reuses one) at 64 px, batch 1, rank 4, AdamW, fp32, latents
 cached, UNet and text encoder trained, run through the real CLI in a child process: s/step,
 time from the child's launch to its first finished step, and its peak RSS. The floor runs in a
-child process too, alternating with ours ``--rounds`` times. Both children get glibc's
-``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` (unless already set), which cut
-page-fault work per step on CPU.
+child process too, alternating with ours ``--rounds`` times. The whole benchmark runs with glibc's
+``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` (unless already set; ours and the floor
+alike), which cut page-fault work per step on CPU.
 """
 
 from __future__ import annotations
@@ -172,17 +174,41 @@ def compare(spec: ModelSpec, work: Path, steps: int, repeats: int, threads: int,
     checkpoint = write_model(spec, work / f"{spec.name}.safetensors")
     data = write_dataset(work / spec.name, spec.resolution)
     config = bench_config(checkpoint, data, spec.resolution, steps, threads, rank)
-    ours, floor, ratios = [], [], []
+    ours, floor, ratios, all_ours, all_floor = [], [], [], [], []
+    stolen = steal_seconds()
     for round_index in range(rounds):
         run_dir = work / f"{spec.name}-run{round_index}"
         train(config, run_dir=run_dir, progress="quiet")
+        all_ours += step_times(run_dir)[2:]
         ours.append(statistics.median(step_times(run_dir)[2:]))
         torch.set_num_threads(threads)
-        floor.append(statistics.median(floor_seconds(checkpoint, spec.resolution, rank, repeats)))
+        all_floor += floor_seconds(checkpoint, spec.resolution, rank, repeats)
+        floor.append(statistics.median(all_floor[-repeats:]))
         ratios.append(ours[-1] / floor[-1])
     print(f"{spec.name:<7} {spec.resolution:>4}px  ours {statistics.median(ours) * 1000:8.1f} ms/step  "
           f"floor {statistics.median(floor) * 1000:8.1f} ms/step  ratio {statistics.median(ratios):5.3f} "
-          f"(rounds: {', '.join(f'{r:.3f}' for r in ratios)})", flush=True)  # fmt: skip
+          f"(rounds: {', '.join(f'{r:.3f}' for r in ratios)}; fastest quarters {quartile(all_ours) / quartile(all_floor):5.3f}; "
+          f"{describe_steal(stolen)})", flush=True)  # fmt: skip
+
+
+def quartile(values: list[float]) -> float:
+    """The lower quartile: on a shared machine interference only ever adds time, so the fast end
+    of many steps is the steadier estimate of the undisturbed step."""
+    return statistics.quantiles(values, n=4)[0]
+
+
+def steal_seconds() -> float | None:
+    """CPU time the hypervisor gave to other machines so far (Linux ``/proc/stat``), or None."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def describe_steal(since: float | None) -> str:
+    now = steal_seconds()
+    return "steal n/a" if since is None or now is None else f"host steal {now - since:.1f} s"
 
 
 def full_size(work: Path, checkpoint: Path | None, steps: int, repeats: int, threads: int, rounds: int) -> None:
@@ -208,6 +234,7 @@ def full_size(work: Path, checkpoint: Path | None, steps: int, repeats: int, thr
     floor_command = [sys.executable, __file__, "--floor-only", str(checkpoint), "--threads", str(threads),
                      "--repeats", str(repeats)]  # fmt: skip
     ours, floor, first_steps, peaks = [], [], [], []
+    stolen = steal_seconds()
     for round_index in range(rounds):
         run_dir = work / f"full-run{round_index}"
         launched = time.time()
@@ -225,7 +252,8 @@ def full_size(work: Path, checkpoint: Path | None, steps: int, repeats: int, thr
     ours_median, floor_median = statistics.median(ours), statistics.median(floor)
     print(f"full    SD1.5 64px  ours {ours_median:.3f} s/step  floor {floor_median:.3f} s/step  ratio "
           f"{ours_median / floor_median:5.3f}  launch-to-first-step {statistics.median(first_steps):.1f} s "
-          f"(rounds: {', '.join(f'{t:.1f}' for t in first_steps)})  peak RSS {max(peaks):.2f} GiB", flush=True)  # fmt: skip
+          f"(rounds: {', '.join(f'{t:.1f}' for t in first_steps)})  peak RSS {max(peaks):.2f} GiB  "
+          f"{describe_steal(stolen)}", flush=True)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,4 +286,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # glibc reads its allocator settings at start: run the whole benchmark (ours and the floor
+    # alike) under the same ones as the full-size children, unless the caller chose their own.
+    if any(key not in os.environ for key in MALLOC_ENV):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**MALLOC_ENV, **os.environ})
     sys.exit(main())
