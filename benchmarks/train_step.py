@@ -4,15 +4,16 @@
 Usage: ``python benchmarks/train_step.py [--full] [--steps N] [--repeats R] [--threads T]``
 
 For a tiny and a medium SD1-layout model (random weights, written as single-file checkpoints)
-it trains with ``loralab.train.run.train`` and measures each step as the wall time between
-consecutive steps' TensorBoard events (everything the loop does: data, noise, loss weighting,
-logging). In the same process it then times the floor: the same model with the same LoRA (rank,
-alpha, UNet and text encoder), the same shapes, and the same optimizer, doing only text-encoder
-forward, UNet forward, MSE, backward and the optimizer step. It prints the medians and
-``ratio = ours / floor`` (target <= 1.05): the median of the rounds' ratios, each round one run of
-ours and the floor right after it; then the ratio of the two sides' fastest quarters of steps, and
-the CPU time the host took for other machines meanwhile (``steal`` in ``/proc/stat``), which tells
-a disturbed measurement from a slow one.
+it trains with ``loralab.train.run.train`` and, in the same process, times the floor: the same
+model with the same LoRA (rank, alpha, UNet and text encoder), the same shapes, and the same
+optimizer, doing only text-encoder forward, UNet forward, MSE, backward and the optimizer step.
+The two are interleaved step by step (a loop hook runs one floor step after each of our steps),
+so both see the same moment of a shared machine's load. Our step is everything the loop does
+between two hook calls (data, noise, loss weighting, clipping, scheduler, logging). It prints the
+medians and ``ratio = ours / floor`` (target <= 1.05): the median of the per-step ratios; then
+each run's ratio, the ratio of the two sides' fastest quarters of steps, and the CPU time the host
+took for other machines meanwhile (``steal`` in ``/proc/stat``), which tells a disturbed
+measurement from a slow one.
 
 ``--full`` adds a randomly initialised full-size SD1.5 (written in fp16 to a temporary file,
 about 2 GB; ``--checkpoint FILE`` reuses one) at 64 px, batch 1, rank 4, AdamW, fp32, latents
@@ -135,59 +136,103 @@ def step_times(run_dir: Path) -> list[float]:
     return [later - earlier for earlier, later in zip(stamps, stamps[1:])]
 
 
-def floor_seconds(checkpoint: Path, resolution: int, rank: int, repeats: int) -> list[float]:
-    """The bare step: TE forward, UNet forward, MSE, backward, AdamW step; same model and LoRA."""
-    from loralab.models.loading import load_checkpoint
-    from loralab.network.lora import LoRANetwork, NetworkSpec
-    from loralab.train.conditioning import encode_text, tokenize_captions
+class FloorStep:
+    """The bare step: TE forward, UNet forward, MSE, backward, optimizer step; nothing else.
 
-    components = load_checkpoint(checkpoint)
-    for module in (components.unet, components.vae, *components.text_encoders):
-        module.requires_grad_(False)
-    network = LoRANetwork.create(components, NetworkSpec(rank=rank, alpha=rank))
-    network.apply_to(components)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
-    latent = resolution // 8
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 4, latent, latent, generator=generator)
-    noise = torch.randn(1, 4, latent, latent, generator=generator)
-    ids = tokenize_captions(components.tokenizers[0], [CAPTION])
-    timesteps = torch.tensor([500])
-    times = []
-    for _ in range(repeats + 2):  # two warm-up steps
+    Same model file, same LoRA (rank, alpha, UNet and text encoder) and the same optimizer as the
+    run builds it (loralab's ``build_optimizer``: torch's AdamW, fused on a CPU), so the ratio
+    measures what the loop adds around the compute, not a choice of optimizer kernel.
+    """
+
+    def __init__(self, checkpoint: Path, resolution: int, rank: int) -> None:
+        from loralab.models.loading import load_checkpoint
+        from loralab.network.lora import LoRANetwork, NetworkSpec
+        from loralab.train.conditioning import tokenize_captions
+        from loralab.train.optimizer_setup import build_optimizer, build_param_groups
+
+        self.components = load_checkpoint(checkpoint)
+        for module in (self.components.unet, self.components.vae, *self.components.text_encoders):
+            module.requires_grad_(False)
+        network = LoRANetwork.create(self.components, NetworkSpec(rank=rank, alpha=rank))
+        network.apply_to(self.components)
+        groups = build_param_groups(
+            unet_params=[p for m in network.lora_modules("unet").values() for p in m.parameters()],
+            text_encoder_params=[p for m in network.lora_modules("text_encoder").values() for p in m.parameters()],
+            learning_rate=1e-4,
+        )
+        self.optimizer = build_optimizer("AdamW", {}, groups, learning_rate=1e-4)
+        self.optimizer_kind = "fused" if self.optimizer.param_groups[0].get("fused") else "per-tensor"
+        latent = resolution // 8
+        generator = torch.Generator().manual_seed(0)
+        self.latents = torch.randn(1, 4, latent, latent, generator=generator)
+        self.noise = torch.randn(1, 4, latent, latent, generator=generator)
+        self.ids = tokenize_captions(self.components.tokenizers[0], [CAPTION])
+        self.timesteps = torch.tensor([500])
+
+    def step(self) -> float:
+        """One timed step, in seconds."""
+        from loralab.train.conditioning import encode_text
+
         started = time.perf_counter()
-        context = encode_text(components.family, components.text_encoders, [ids], eos_token_ids=[49407])
-        prediction = components.unet(latents, timesteps, encoder_hidden_states=context.encoder_hidden_states).sample
-        torch.nn.functional.mse_loss(prediction, noise).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - started)
-    return times[2:]
+        context = encode_text(self.components.family, self.components.text_encoders, [self.ids], eos_token_ids=[49407])
+        prediction = self.components.unet(self.latents, self.timesteps, encoder_hidden_states=context.encoder_hidden_states).sample
+        torch.nn.functional.mse_loss(prediction, self.noise).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
 
 
-def compare(spec: ModelSpec, work: Path, steps: int, repeats: int, threads: int, rank: int, rounds: int) -> None:
-    """Alternate our run and the floor ``rounds`` times and take the median of the rounds' ratios
-    (each of our medians over the floor's right after it): a shared machine's load drifts between
-    rounds far more than within one."""
+def floor_seconds(checkpoint: Path, resolution: int, rank: int, repeats: int) -> list[float]:
+    """``repeats`` timed floor steps after two warm-up steps."""
+    floor = FloorStep(checkpoint, resolution, rank)
+    return [floor.step() for _ in range(repeats + 2)][2:]
+
+
+class Interleaved:
+    """A loop hook that runs one floor step after each of our steps: both sides see the same
+    moment of a shared machine's load, step by step. Our step is the time from the end of one
+    hook call to the start of the next (everything the loop does)."""
+
+    def __init__(self, floor: FloorStep, warmup: int = 2) -> None:
+        self.floor, self.warmup = floor, warmup
+        self.ours: list[float] = []
+        self.floors: list[float] = []
+        self._steps = 0
+        self._last: float | None = None
+
+    def after_step(self, report: object) -> None:
+        now = time.perf_counter()
+        floor_seconds = self.floor.step()
+        self._steps += 1
+        if self._last is not None and self._steps > self.warmup:
+            self.ours.append(now - self._last)
+            self.floors.append(floor_seconds)
+        self._last = time.perf_counter()
+
+
+def compare(spec: ModelSpec, work: Path, steps: int, threads: int, rank: int, rounds: int) -> None:
+    """``rounds`` runs of ours, each step followed by a floor step; the ratio is the median of the
+    per-step ratios (ours over the floor step right after it)."""
+    from loralab.train.loop import LoopHooks
     from loralab.train.run import train
 
     checkpoint = write_model(spec, work / f"{spec.name}.safetensors")
     data = write_dataset(work / spec.name, spec.resolution)
     config = bench_config(checkpoint, data, spec.resolution, steps, threads, rank)
-    ours, floor, ratios, all_ours, all_floor = [], [], [], [], []
+    torch.set_num_threads(threads)
+    floor = FloorStep(checkpoint, spec.resolution, rank)
+    ours, floors, rounds_ratios = [], [], []
     stolen = steal_seconds()
     for round_index in range(rounds):
-        run_dir = work / f"{spec.name}-run{round_index}"
-        train(config, run_dir=run_dir, progress="quiet")
-        all_ours += step_times(run_dir)[2:]
-        ours.append(statistics.median(step_times(run_dir)[2:]))
-        torch.set_num_threads(threads)
-        all_floor += floor_seconds(checkpoint, spec.resolution, rank, repeats)
-        floor.append(statistics.median(all_floor[-repeats:]))
-        ratios.append(ours[-1] / floor[-1])
+        timer = Interleaved(floor)
+        train(config, run_dir=work / f"{spec.name}-run{round_index}", progress="quiet", hooks=LoopHooks(after_step=timer.after_step))
+        ours += timer.ours
+        floors += timer.floors
+        rounds_ratios.append(statistics.median(a / b for a, b in zip(timer.ours, timer.floors)))
+    ratio = statistics.median(a / b for a, b in zip(ours, floors))
     print(f"{spec.name:<7} {spec.resolution:>4}px  ours {statistics.median(ours) * 1000:8.1f} ms/step  "
-          f"floor {statistics.median(floor) * 1000:8.1f} ms/step  ratio {statistics.median(ratios):5.3f} "
-          f"(rounds: {', '.join(f'{r:.3f}' for r in ratios)}; fastest quarters {quartile(all_ours) / quartile(all_floor):5.3f}; "
+          f"floor {statistics.median(floors) * 1000:8.1f} ms/step ({floor.optimizer_kind} AdamW)  ratio {ratio:5.3f} "
+          f"(rounds: {', '.join(f'{r:.3f}' for r in rounds_ratios)}; fastest quarters {quartile(ours) / quartile(floors):5.3f}; "
           f"{describe_steal(stolen)})", flush=True)  # fmt: skip
 
 
@@ -261,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="also benchmark a random full-size SD1.5 (~2 GB file, ~7 GB RAM)")
     parser.add_argument("--checkpoint", type=Path, help="full-size SD1.5 checkpoint to use instead of writing one")
     parser.add_argument("--steps", type=int, default=12, help="training steps per run (the first two are warm-up)")
-    parser.add_argument("--repeats", type=int, default=8, help="timed floor steps")
+    parser.add_argument("--repeats", type=int, default=8, help="timed floor steps per round (full size)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank of the tiny/medium runs")
     parser.add_argument("--rounds", type=int, default=5, help="alternations of our run and the floor (tiny/medium)")
@@ -276,10 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="loralab-bench-") as folder:
         work = Path(folder)
         os.environ["LORALAB_CACHE_DIR"] = str(work / "cache")
-        print(f"torch {torch.__version__}, {args.threads} threads; medians of {args.rounds} x {args.steps - 2} steps "
-              f"(ours) and {args.rounds} x {args.repeats} steps (floor)")
+        print(f"torch {torch.__version__}, {args.threads} threads; tiny/medium: {args.rounds} runs x {args.steps - 2} "
+              f"steps, each followed by a floor step; full size: {args.rounds} CLI runs x {args.steps - 2} steps "
+              f"alternating with {args.repeats} floor steps in a child process")
         for spec in () if args.skip_small else (TINY, MEDIUM):
-            compare(spec, work, args.steps, args.repeats, args.threads, args.rank, args.rounds)
+            compare(spec, work, args.steps, args.threads, args.rank, args.rounds)
         if args.full:
             full_size(work, args.checkpoint, args.steps, args.repeats, args.threads, args.rounds)
     return 0

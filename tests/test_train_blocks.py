@@ -524,6 +524,34 @@ def test_optimizer_args_land_in_param_groups():
         build_param_groups(unet_params=[], text_encoder_params=text_encoder, learning_rate=1.0, text_encoder_lr=0.0)
 
 
+@pytest.mark.parametrize("optimizer_type", ["AdamW", "SGDNesterov"])
+def test_torch_optimizers_use_their_fused_kernel_on_cpu_with_the_same_updates(optimizer_type):
+    """The fused kernel is a speed choice only: the weights follow torch's default loop."""
+    torch.manual_seed(0)
+    start = [torch.randn(16, 4), torch.randn(4, 320), torch.randn(3)]
+    gradients = [[torch.randn_like(t) for t in start] for _ in range(10)]
+    finals = {}
+    for label, args in (("chosen", {}), ("torch default", {"foreach": False})):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        groups = build_param_groups(
+            unet_params=params[1:], text_encoder_params=params[:1], learning_rate=1e-2, text_encoder_lr=5e-3
+        )
+        optimizer = build_optimizer(optimizer_type, {"weight_decay": 0.1, **args}, groups, learning_rate=1e-2)
+        assert all(bool(group["fused"]) is (label == "chosen") for group in optimizer.param_groups)
+        for step in gradients:
+            for param, gradient in zip(params, step):
+                param.grad = gradient.clone()
+            optimizer.step()
+        finals[label] = params
+    for chosen, default in zip(finals["chosen"], finals["torch default"]):
+        torch.testing.assert_close(chosen, default, rtol=1e-6, atol=1e-7)
+    # An explicit choice in optimizer_args is kept, and other devices keep torch's default.
+    params = [torch.nn.Parameter(t.clone()) for t in start]
+    groups = build_param_groups(unet_params=params, text_encoder_params=[], learning_rate=1e-2)
+    assert build_optimizer(optimizer_type, {"fused": False}, groups, learning_rate=1e-2).param_groups[0]["fused"] is False
+    assert not build_optimizer(optimizer_type, {}, groups, learning_rate=1e-2, device="meta").param_groups[0]["fused"]
+
+
 def test_optimizer_errors_are_config_errors():
     unet, _ = _lora_like_params()
     groups = build_param_groups(unet_params=unet, text_encoder_params=[], learning_rate=1e-4)

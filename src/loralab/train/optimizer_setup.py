@@ -17,10 +17,15 @@ signature checks, the kwargs an sd-scripts name implies). Extra rules here:
 - D-Adaptation and Prodigy estimate the step size ``d`` themselves and use the learning
   rate as a multiplier of it; a learning rate <= 0.1 is almost always a mistake there, so
   it is logged as a warning (as sd-scripts does).
+- On a CPU, torch's own optimizers that have a fused kernel (AdamW, Adam, SGD/SGDNesterov,
+  Adagrad) use it unless ``optimizer_args`` chose ``fused`` or ``foreach``: the same update as
+  torch's default per-tensor loop (equal to within float rounding), in a quarter of its time for
+  a LoRA's hundreds of small tensors. GPUs keep torch's default.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -103,7 +108,28 @@ def build_optimizer(
             spec.name,
             min(g["lr"] for g in param_groups),
         )
-    return spec.load()(param_groups, lr=learning_rate, **kwargs)
+    optimizer_cls = spec.load()
+    if _use_fused_cpu_kernel(optimizer_cls, kwargs, param_groups, device):
+        kwargs["fused"] = True
+    return optimizer_cls(param_groups, lr=learning_rate, **kwargs)
+
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _use_fused_cpu_kernel(
+    optimizer_cls: type, kwargs: Mapping[str, Any], param_groups: list[dict[str, Any]], device: torch.device
+) -> bool:
+    """Whether to ask a torch optimizer for its fused kernel: on a CPU, where torch's default is a
+    Python loop over tensors (a LoRA step spends more time there than in the arithmetic)."""
+    if device.type != "cpu" or not optimizer_cls.__module__.startswith("torch.optim"):
+        return False
+    if "fused" in kwargs or "foreach" in kwargs or kwargs.get("differentiable"):
+        return False
+    if "fused" not in inspect.signature(optimizer_cls).parameters:
+        return False
+    params = [param for group in param_groups for param in group["params"]]
+    return all(param.device.type == "cpu" and param.dtype in _FUSED_DTYPES for param in params)
 
 
 def setup_optimizer(
