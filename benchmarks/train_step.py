@@ -147,8 +147,10 @@ class FloorStep:
     def __init__(self, checkpoint: Path, resolution: int, rank: int) -> None:
         from loralab.models.loading import load_checkpoint
         from loralab.network.lora import LoRANetwork, NetworkSpec
-        from loralab.train.conditioning import tokenize_captions
+        from loralab.train.conditioning import encode_text, tokenize_captions
         from loralab.train.optimizer_setup import build_optimizer, build_param_groups
+
+        self.encode_text = encode_text
 
         self.components = load_checkpoint(checkpoint)
         for module in (self.components.unet, self.components.vae, *self.components.text_encoders):
@@ -156,8 +158,8 @@ class FloorStep:
         network = LoRANetwork.create(self.components, NetworkSpec(rank=rank, alpha=rank))
         network.apply_to(self.components)
         groups = build_param_groups(
-            unet_params=[p for m in network.lora_modules("unet").values() for p in m.parameters()],
-            text_encoder_params=[p for m in network.lora_modules("text_encoder").values() for p in m.parameters()],
+            unet_params=network.part_parameters("unet"),
+            text_encoder_params=network.part_parameters("text_encoder"),
             learning_rate=1e-4,
         )
         self.optimizer = build_optimizer("AdamW", {}, groups, learning_rate=1e-4)
@@ -171,10 +173,8 @@ class FloorStep:
 
     def step(self) -> float:
         """One timed step, in seconds."""
-        from loralab.train.conditioning import encode_text
-
         started = time.perf_counter()
-        context = encode_text(self.components.family, self.components.text_encoders, [self.ids], eos_token_ids=[49407])
+        context = self.encode_text(self.components.family, self.components.text_encoders, [self.ids], eos_token_ids=[49407])
         prediction = self.components.unet(self.latents, self.timesteps, encoder_hidden_states=context.encoder_hidden_states).sample
         torch.nn.functional.mse_loss(prediction, self.noise).backward()
         self.optimizer.step()
@@ -202,11 +202,11 @@ class Interleaved:
 
     def after_step(self, report: object) -> None:
         now = time.perf_counter()
-        floor_seconds = self.floor.step()
+        floor_step_seconds = self.floor.step()
         self._steps += 1
         if self._last is not None and self._steps > self.warmup:
             self.ours.append(now - self._last)
-            self.floors.append(floor_seconds)
+            self.floors.append(floor_step_seconds)
         self._last = time.perf_counter()
 
 
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=8, help="timed floor steps per round (full size)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank of the tiny/medium runs")
-    parser.add_argument("--rounds", type=int, default=5, help="alternations of our run and the floor (tiny/medium)")
+    parser.add_argument("--rounds", type=int, default=5, help="runs of ours (tiny/medium: each step followed by a floor step; full size: alternating with the floor)")
     parser.add_argument("--skip-small", action="store_true", help="leave out the tiny and medium models")
     parser.add_argument("--floor-only", type=Path, help=argparse.SUPPRESS)  # the floor's child process
     args = parser.parse_args(argv)

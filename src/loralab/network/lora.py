@@ -336,13 +336,17 @@ class LoRANetwork(nn.Module):
             if isinstance(module, LoRAModule) and (part is None or _part_of(name) == part)
         }
 
+    def part_parameters(self, part: Part) -> list[nn.Parameter]:
+        """The weights of the ``"unet"`` or ``"text_encoder"`` LoRA modules, in module order."""
+        return [param for module in self.lora_modules(part).values() for param in module.parameters()]
+
     def param_groups(
         self, *, default_lr: float, unet_lr: float | None = None, text_encoder_lr: float | None = None
     ) -> list[dict[str, Any]]:
         """Optimizer parameter groups: one per part present, each with its learning rate."""
         groups = []
         for part, lr in (("text_encoder", text_encoder_lr), ("unet", unet_lr)):
-            params = [p for module in self.lora_modules(part).values() for p in module.parameters()]
+            params = self.part_parameters(part)
             if params:
                 groups.append({"params": params, "lr": default_lr if lr is None else lr, "name": part})
         return groups

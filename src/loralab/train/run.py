@@ -286,7 +286,7 @@ def setup_network(
     cast_trainable_parameters(network.parameters(), precision)
     parts = []
     for part in ("text_encoder", "unet"):
-        params = [p for module in network.lora_modules(part).values() for p in module.parameters()]
+        params = network.part_parameters(part)
         for param in params:
             param.requires_grad_(True)
         parts.append(params)
