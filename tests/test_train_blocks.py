@@ -472,6 +472,16 @@ def test_tensorboard_tags_are_written_and_read_back(tmp_path):
     assert records[0]["step"] == 1 and records[0]["lr/unet"] == 0.5
     assert records[2] == {"epoch": 1, "loss/epoch": 0.125}
     assert records[3] == {"step": 3, "loss/current": None}
+    # One event per logged step or epoch, holding all of its scalars (not one event per tag).
+    events = [event for event in _events(tmp_path / "logs") if event.HasField("summary")]
+    assert [(event.step, len(event.summary.value)) for event in events] == [(1, 8), (2, 8), (1, 1), (3, 1)]
+
+
+def _events(log_dir):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    (path,) = log_dir.glob("events.out.tfevents.*")
+    return list(EventFileLoader(str(path)).Load())
 
 
 

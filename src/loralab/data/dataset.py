@@ -232,8 +232,11 @@ class TrainingDataset:
         captions, flips, sizes, latent_seeds, pixels, keys = [], [], [], [], [], []
         for position, sample_index in zip(chosen, members):
             sample = self.samples[sample_index]
-            caption_rng = sample_rng(seed, epoch, index, position, SampleStream.CAPTION)
-            captions.append(process_caption(sample.image.caption, options.captions, epoch, caption_rng))
+            caption = sample.image.caption
+            if options.captions.changes_captions:  # else the caption is used as written
+                caption_rng = sample_rng(seed, epoch, index, position, SampleStream.CAPTION)
+                caption = process_caption(caption, options.captions, epoch, caption_rng)
+            captions.append(caption)
             flipped = options.flip_aug and sample_rng(seed, epoch, index, position, SampleStream.FLIP).random() < 0.5
             flips.append(flipped)
             sizes.append(self.geometries[sample_index].sdxl_sizes(flipped))

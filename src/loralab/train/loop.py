@@ -244,10 +244,11 @@ def train_loop(s: TrainingSession) -> LoopOutcome:
                     )  # fmt: skip
                 if s.hooks.loss_transform is not None:
                     loss_sum = s.hooks.loss_transform(global_step + 1, loss_sum)
-                if not torch.isfinite(loss_sum):
+                loss_value = float(loss_sum.detach())
+                if not math.isfinite(loss_value):
                     stats[-1] += 1  # never backpropagate a NaN: it would reach every LoRA weight
                     continue
-                stats[micro] = float(loss_sum.detach())
+                stats[micro] = loss_value
 
                 # 8. Backward: this process's share of the global batch mean, averaged over the
                 #    accumulated batches (accelerate's convention, as sd-scripts).
