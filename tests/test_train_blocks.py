@@ -27,6 +27,7 @@ from loralab.train.conditioning import (
 from loralab.train.loop import clip_gradients
 from loralab.train.loss_weighting import LossWeighting, scaled_linear_alphas_cumprod
 from loralab.train.noise import (
+    ForwardDiffusion,
     NoiseSettings,
     NoiseStream,
     draw_noise_and_timesteps,
@@ -140,6 +141,25 @@ def test_noise_offset_adds_a_per_channel_shift_by_the_formula():
         torch.testing.assert_close(
             random_strength.noise[i] - base.noise[i], expected.expand(4, 8, 8), rtol=0, atol=1e-6
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_forward_diffusion_equals_the_schedulers_add_noise_and_velocity(dtype):
+    from loralab.models.loading import make_noise_scheduler
+
+    scheduler = make_noise_scheduler(False)
+    diffusion = ForwardDiffusion(scheduler.alphas_cumprod)
+    generator = torch.Generator().manual_seed(0)
+    for timesteps in (torch.tensor([0]), torch.tensor([999, 1, 500]), torch.randint(0, 1000, (16,), generator=generator)):
+        latents = torch.randn(len(timesteps), 4, 8, 8, generator=generator).to(dtype)
+        noise = torch.randn(len(timesteps), 4, 8, 8, generator=generator).to(dtype)
+        noisy = diffusion.add_noise(latents, noise, timesteps)
+        assert noisy.dtype == dtype and torch.equal(noisy, scheduler.add_noise(latents, noise, timesteps))
+        assert torch.equal(diffusion.velocity(latents, noise, timesteps), scheduler.get_velocity(latents, noise, timesteps))
+    # x_t interpolates: the signal at t=0, almost pure noise at t=999.
+    latents, noise = torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)
+    scales = diffusion.add_noise(latents, noise, torch.tensor([0, 999]))[:, 0, 0, 0]
+    assert scales[0] > 0.999 and scales[1] < 0.1
 
 
 def test_multires_noise_is_sd_scripts_pyramid_noise():

@@ -48,7 +48,7 @@ from loralab.plan.planner import Plan
 from loralab.train.conditioning import TextConditioning, effective_clip_skip, encode_text, tokenize_captions
 from loralab.train.faults import NonFiniteLossError, StopSignals, non_finite_message
 from loralab.train.loss_weighting import LossWeighting
-from loralab.train.noise import NoiseSettings, draw_noise_and_timesteps
+from loralab.train.noise import ForwardDiffusion, NoiseSettings, draw_noise_and_timesteps
 from loralab.train.optimizer_setup import d_times_lr, group_lrs
 from loralab.train.precision import PrecisionPlan, autocast
 from loralab.train.sampling import SamplePrompt, render_samples, sample_file_name, save_png_atomically
@@ -167,6 +167,7 @@ def train_loop(s: TrainingSession) -> LoopOutcome:
     unet, vae = s.components.unet, s.components.vae
     noise_scheduler = s.components.noise_scheduler
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+    diffusion = ForwardDiffusion(alphas_cumprod)
     trainable = s.text_encoder_params + s.unet_params
     accumulation = config.gradient_accumulation_steps
     saves = Cadence(config.save_every_n_epochs, config.save_every_n_steps)
@@ -216,7 +217,7 @@ def train_loop(s: TrainingSession) -> LoopOutcome:
                 )
 
                 # 3. Forward diffusion with the model's own DDPM schedule.
-                noisy_latents = noise_scheduler.add_noise(latents, drawn.noise, drawn.timesteps)
+                noisy_latents = diffusion.add_noise(latents, drawn.noise, drawn.timesteps)
 
                 with autocast(s.precision, device.type):
                     # 4. Text conditioning (encoders with LoRA when training, cached when frozen).
@@ -227,7 +228,7 @@ def train_loop(s: TrainingSession) -> LoopOutcome:
 
                 # 6. Target: the noise for epsilon models, the velocity for v models.
                 if s.components.v_prediction:
-                    target = noise_scheduler.get_velocity(latents, drawn.noise, drawn.timesteps)
+                    target = diffusion.velocity(latents, drawn.noise, drawn.timesteps)
                 else:
                     target = drawn.noise
 

@@ -234,3 +234,35 @@ def draw_noise_and_timesteps(
 
     timesteps = sample_timesteps(seed, global_step, sample_indices, settings, device=latents.device)
     return NoiseBatch(noise=noise.to(device=latents.device, dtype=latents.dtype), timesteps=timesteps)
+
+
+class ForwardDiffusion:
+    """The model's DDPM forward process: diffusers' ``add_noise`` and ``get_velocity`` with the same
+    arithmetic (bit for bit), the square roots of ``alphas_cumprod`` tabulated once per dtype instead
+    of recomputed, cast and reshaped on every batch (a dozen small tensor operations each time)."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor) -> None:
+        self.alphas_cumprod = alphas_cumprod
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise``."""
+        signal, noise_scale = self._scales(latents, timesteps)
+        return signal * latents + noise_scale * noise
+
+    def velocity(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The v-prediction target ``sqrt(a_t) noise - sqrt(1 - a_t) x_0``."""
+        signal, noise_scale = self._scales(latents, timesteps)
+        return signal * noise - noise_scale * latents
+
+    def _scales(self, latents: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample ``sqrt(a_t)`` and ``sqrt(1 - a_t)``, shaped to broadcast over ``latents``."""
+        key = (latents.device, latents.dtype)
+        tables = self._tables.get(key)
+        if tables is None:
+            # diffusers casts alphas_cumprod to the samples' dtype first, then takes the roots.
+            alphas = self.alphas_cumprod.to(device=latents.device, dtype=latents.dtype)
+            tables = self._tables[key] = (alphas**0.5, (1 - alphas) ** 0.5)
+        shape = (-1,) + (1,) * (latents.dim() - 1)
+        index = timesteps.to(latents.device)
+        return tables[0][index].reshape(shape), tables[1][index].reshape(shape)
