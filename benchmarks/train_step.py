@@ -6,7 +6,8 @@ Usage: ``python benchmarks/train_step.py [--full] [--steps N] [--repeats R] [--t
 For a tiny and a medium SD1-layout model (random weights, written as single-file checkpoints)
 it trains with ``loralab.train.run.train`` and, in the same process, times the floor: the same
 model with the same LoRA (rank, alpha, UNet and text encoder), the same shapes, and the same
-optimizer, doing only text-encoder forward, UNet forward, MSE, backward and the optimizer step.
+optimizer, doing only text-encoder forward, UNet forward, MSE, backward and the optimizer step
+(and freeing the step's autograd graph, which every training loop pays for).
 The two are interleaved step by step (a loop hook runs one floor step after each of our steps),
 so both see the same moment of a shared machine's load. Our step is everything the loop does
 between two hook calls (data, noise, loss weighting, clipping, scheduler, logging). It prints the
@@ -137,7 +138,8 @@ def step_times(run_dir: Path) -> list[float]:
 
 
 class FloorStep:
-    """The bare step: TE forward, UNet forward, MSE, backward, optimizer step; nothing else.
+    """The bare step: TE forward, UNet forward, MSE, backward, optimizer step, and freeing the
+    step's tensors and autograd graph; nothing else.
 
     Same model file, same LoRA (rank, alpha, UNet and text encoder) and the same optimizer as the
     run builds it (loralab's ``build_optimizer``: torch's AdamW, fused on a CPU), so the ratio
@@ -172,14 +174,18 @@ class FloorStep:
         self.timesteps = torch.tensor([500])
 
     def step(self) -> float:
-        """One timed step, in seconds."""
+        """One timed step, in seconds, including freeing its autograd graph (the tensors are
+        ``_train_once``'s locals): any training loop pays that every step, ours included."""
         started = time.perf_counter()
+        self._train_once()
+        return time.perf_counter() - started
+
+    def _train_once(self) -> None:
         context = self.encode_text(self.components.family, self.components.text_encoders, [self.ids], eos_token_ids=[49407])
         prediction = self.components.unet(self.latents, self.timesteps, encoder_hidden_states=context.encoder_hidden_states).sample
         torch.nn.functional.mse_loss(prediction, self.noise).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - started
 
 
 def floor_seconds(checkpoint: Path, resolution: int, rank: int, repeats: int) -> list[float]:
