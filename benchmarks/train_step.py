@@ -20,7 +20,9 @@ measurement from a slow one.
 about 2 GB; ``--checkpoint FILE`` reuses one) at 64 px, batch 1, rank 4, AdamW, fp32, latents
 cached, UNet and text encoder trained, run through the real CLI in a child process: s/step,
 time from the child's launch to its first finished step, and its peak RSS. The floor runs in a
-child process too, alternating with ours ``--rounds`` times. The whole benchmark runs with glibc's
+child process too, alternating with ours ``--rounds`` times; then the step ratio is measured
+again in this process, step by step as for the small models (the figure to trust on a shared
+machine, whose load swings between whole processes). The whole benchmark runs with glibc's
 ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` (unless already set; ours and the floor
 alike), which cut page-fault work per step on CPU.
 """
@@ -217,26 +219,34 @@ class Interleaved:
 
 
 def compare(spec: ModelSpec, work: Path, steps: int, threads: int, rank: int, rounds: int) -> None:
+    """Our steps against the floor's, step by step, on a model of ``spec``'s sizes."""
+    checkpoint = write_model(spec, work / f"{spec.name}.safetensors")
+    data = write_dataset(work / spec.name, spec.resolution)
+    interleaved(f"{spec.name:<7} {spec.resolution:>4}px", checkpoint, data, spec.resolution, work / spec.name,
+                steps=steps, threads=threads, rank=rank, rounds=rounds)  # fmt: skip
+
+
+def interleaved(
+    label: str, checkpoint: Path, data: Path, resolution: int, work: Path, *, steps: int, threads: int, rank: int, rounds: int
+) -> None:
     """``rounds`` runs of ours, each step followed by a floor step; the ratio is the median of the
     per-step ratios (ours over the floor step right after it)."""
     from loralab.train.loop import LoopHooks
     from loralab.train.run import train
 
-    checkpoint = write_model(spec, work / f"{spec.name}.safetensors")
-    data = write_dataset(work / spec.name, spec.resolution)
-    config = bench_config(checkpoint, data, spec.resolution, steps, threads, rank)
+    config = bench_config(checkpoint, data, resolution, steps, threads, rank)
     torch.set_num_threads(threads)
-    floor = FloorStep(checkpoint, spec.resolution, rank)
+    floor = FloorStep(checkpoint, resolution, rank)
     ours, floors, rounds_ratios = [], [], []
     stolen = steal_seconds()
     for round_index in range(rounds):
         timer = Interleaved(floor)
-        train(config, run_dir=work / f"{spec.name}-run{round_index}", progress="quiet", hooks=LoopHooks(after_step=timer.after_step))
+        train(config, run_dir=work / f"run{round_index}", progress="quiet", hooks=LoopHooks(after_step=timer.after_step))
         ours += timer.ours
         floors += timer.floors
         rounds_ratios.append(statistics.median(a / b for a, b in zip(timer.ours, timer.floors)))
     ratio = statistics.median(a / b for a, b in zip(ours, floors))
-    print(f"{spec.name:<7} {spec.resolution:>4}px  ours {statistics.median(ours) * 1000:8.1f} ms/step  "
+    print(f"{label}  ours {statistics.median(ours) * 1000:8.1f} ms/step  "
           f"floor {statistics.median(floors) * 1000:8.1f} ms/step ({floor.optimizer_kind} AdamW)  ratio {ratio:5.3f} "
           f"(rounds: {', '.join(f'{r:.3f}' for r in rounds_ratios)}; fastest quarters {quartile(ours) / quartile(floors):5.3f}; "
           f"{describe_steal(stolen)})", flush=True)  # fmt: skip
@@ -301,10 +311,14 @@ def full_size(work: Path, checkpoint: Path | None, steps: int, repeats: int, thr
         printed = subprocess.run(floor_command, env=env, check=True, capture_output=True, text=True).stdout
         floor += json.loads(printed.strip().splitlines()[-1])
     ours_median, floor_median = statistics.median(ours), statistics.median(floor)
-    print(f"full    SD1.5 64px  ours {ours_median:.3f} s/step  floor {floor_median:.3f} s/step  ratio "
+    print(f"full    SD1.5 64px  CLI {ours_median:.3f} s/step  floor process {floor_median:.3f} s/step  ratio "
           f"{ours_median / floor_median:5.3f}  launch-to-first-step {statistics.median(first_steps):.1f} s "
           f"(rounds: {', '.join(f'{t:.1f}' for t in first_steps)})  peak RSS {max(peaks):.2f} GiB  "
           f"{describe_steal(stolen)}", flush=True)  # fmt: skip
+    # The step ratio again, step by step in this process as for the small models: the load of a
+    # shared machine swings between whole processes far more than between neighbouring steps.
+    interleaved("full    SD1.5 64px", checkpoint, data, 64, work / "full-interleaved",
+                steps=steps, threads=threads, rank=4, rounds=rounds)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
