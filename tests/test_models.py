@@ -352,6 +352,7 @@ def _bad_inputs(tmp_path, sd15_file):
     }
     save_file(vae_only, tmp_path / "a_vae.safetensors")
     torch.save({"state_dict": {}, "payload": _RunsCodeWhenUnpickled(tmp_path / "pwned")}, tmp_path / "evil.ckpt")
+    (tmp_path / "damaged.ckpt").write_bytes(b"\x80\x02R.")  # protocol 2, then REDUCE on an empty stack
     return {
         "missing": (tmp_path / "nope.safetensors", {}, "not found"),
         "truncated": (tmp_path / "truncated.safetensors", {}, "truncated or corrupt"),
@@ -359,14 +360,15 @@ def _bad_inputs(tmp_path, sd15_file):
         "unknown keys": (tmp_path / "unknown.safetensors", {}, "not a Stable Diffusion checkpoint"),
         "vae as checkpoint": (tmp_path / "a_vae.safetensors", {}, "is a VAE.*--vae"),
         "malicious pickle": (tmp_path / "evil.ckpt", {}, r"refusing to load.*\(io\.open\).*safetensors"),
+        "damaged pickle": (tmp_path / "damaged.ckpt", {}, "not a readable checkpoint.*truncated or corrupt"),
         "v-pred on SD1": (sd15_file, {"v_parameterization": True}, "SD1.x checkpoint.*epsilon"),
         "folder without model_index": (tmp_path, {}, "without model_index.json"),
     }
 
 
 BAD_INPUTS = [
-    "missing", "truncated", "lora", "unknown keys", "vae as checkpoint", "malicious pickle", "v-pred on SD1",
-    "folder without model_index",
+    "missing", "truncated", "lora", "unknown keys", "vae as checkpoint", "malicious pickle", "damaged pickle",
+    "v-pred on SD1", "folder without model_index",
 ]  # fmt: skip
 
 

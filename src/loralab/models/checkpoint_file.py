@@ -126,7 +126,9 @@ class CheckpointFile:
             if "Unsupported global" in str(exc) or "Weights only load failed" in str(exc):
                 raise _unsafe_pickle_error(self.path, exc) from None
             raise CheckpointError(f"{self.path} is not a readable checkpoint (corrupt pickle data)") from None
-        except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        except Exception as exc:  # noqa: BLE001 - damaged pickle bytes fail in the unpickler in any way (IndexError, KeyError ...)
             first = str(exc).splitlines()[0].split(". ")[0] if str(exc) else type(exc).__name__
             raise CheckpointError(
                 f"{self.path} is not a readable checkpoint ({first[:120]}); it may be truncated or corrupt"
