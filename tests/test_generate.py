@@ -119,7 +119,8 @@ def test_cli_lora_option_equals_the_same_lora_as_a_prompt_tag(files, tmp_path: P
 
 
 def test_training_samples_are_what_generate_makes(files) -> None:
-    from loralab.train.sampling import SamplePrompt, render_samples
+    from loralab.train.sample_prompts import SamplePrompt
+    from loralab.train.sampling import render_samples
 
     components = load_checkpoint(files["a"])
     prompts = [

@@ -358,6 +358,27 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert message in err
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optimizer_type=AdamW", "optimizer_args=betas=0.9"], "AdamW refused its settings"),
+        (["optimizer_type=AdamW", "optimizer_args=weight_decay=-1"], "Invalid weight_decay value: -1"),
+        (["sample_prompts={tmp}/missing.txt"], "sample_prompts file .*missing.txt not found"),
+        (["sample_prompts={tmp}/latin1.txt"], "not UTF-8 text .*save it as UTF-8"),
+    ],
+)
+def test_cli_reports_what_the_run_would_refuse_at_its_start(overrides, message, tmp_path, capsys):
+    """A plan that passes must not hide a run that fails as it starts (the optimizer's own value
+    checks, the sample prompts file)."""
+    write_images(tmp_path / "img" / "1_blh woman", [(512, 512)])
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 photo".encode("latin-1"))
+    sets = [arg for override in overrides for arg in ("--set", override.format(tmp=tmp_path))]
+    code, out, err = run_cli(capsys, "plan", GUI_CONFIG, "--train-data", str(tmp_path / "img"), *sets)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert re.search(message, err)
+
+
 def test_bundled_example_runs_as_the_readme_says(tmp_path, capsys):
     script = REPO / "examples" / "make_example_dataset.py"
     spec = importlib.util.spec_from_file_location("make_example_dataset", script)

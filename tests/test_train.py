@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from train_support import CAPTION, lora_tensors, make_dataset, max_tensor_difference, series, tiny_config
 
 from loralab.cli.main import main
 from loralab.config.loading import load_config
@@ -27,10 +28,9 @@ from loralab.train.faults import NonFiniteLossError
 from loralab.train.launch import launch_training
 from loralab.train.loop import LoopHooks
 from loralab.train.run import train
-from loralab.train.sampling import SamplePrompt, parse_prompt_line, read_sample_prompts
+from loralab.train.sample_prompts import SamplePrompt, parse_prompt_line, read_sample_prompts
 from loralab.train.save_names import SavedLoraName, epoch_lora_name, final_lora_name, parse_lora_name, step_lora_name
 from loralab.train.saving import Cadence, KeepLast
-from train_support import CAPTION, lora_tensors, make_dataset, max_tensor_difference, series, tiny_config
 
 SEED_CONFIG = Path(__file__).parent / "data" / "seed" / "config_SD1.5.json"
 KOHYA_TAGS = {

@@ -591,6 +591,11 @@ def test_optimizer_errors_are_config_errors():
         build_optimizer("DAdaptAdam", {"growth_rat": 1.02}, groups, learning_rate=1.0)
     with pytest.raises(ConfigError, match="relative_step=False"):
         build_optimizer("Adafactor", {}, groups, learning_rate=1e-4)
+    # Values the optimizer's own checks refuse (a float for betas, a negative decay).
+    with pytest.raises(ConfigError, match=r"AdamW refused its settings .*betas=0.9"):
+        build_optimizer("AdamW", {"betas": 0.9}, groups, learning_rate=1e-4)
+    with pytest.raises(ConfigError, match="Invalid weight_decay value"):
+        build_optimizer("AdamW", {"weight_decay": -1.0}, groups, learning_rate=1e-4)
     fixed_lr = {"relative_step": False, "scale_parameter": False, "warmup_init": False}
     adafactor = build_optimizer("Adafactor", fixed_lr, groups, learning_rate=1e-4)
     assert adafactor.param_groups[0]["lr"] == 1e-4

@@ -41,10 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `loralab --help` does not pay for torch and diffusers.
     from loralab.config.loading import load_config
-    from loralab.plan.planner import make_plan
+    from loralab.plan.planner import check_run_settings, make_plan
 
     config = load_config(args.config, args.overrides)
     plan = make_plan(config, args.train_data, args.reg_data)
+    check_run_settings(config)
     if args.json:
         print(json.dumps(plan.to_json()))
     else:

@@ -37,6 +37,8 @@ from loralab.data.buckets import Bucket, BucketManager, batches_per_epoch, epoch
 from loralab.data.discovery import DatasetInfo, SkippedFolder, Subset, discover_dataset
 from loralab.errors import ConfigError, DatasetError
 from loralab.train.lr_schedules import lr_multipliers, warmup_steps_for
+from loralab.train.optimizer_setup import check_optimizer_settings
+from loralab.train.sample_prompts import read_sample_prompts
 
 # sd-scripts' --max_train_steps default, used when neither steps nor epochs are given.
 DEFAULT_MAX_TRAIN_STEPS = 1600
@@ -133,6 +135,14 @@ def kohya_gui_max_train_steps(
     )
     reg_factor = 2 if reg_dir_set else 1
     return int(math.ceil(float(total) / batch_size / accumulation * epochs * reg_factor))
+
+
+def check_run_settings(config: Any) -> None:
+    """Raise ConfigError for what a run of ``config`` would refuse as it starts, found here without
+    loading a model: an unreadable sample prompts file, and optimizer argument values the
+    optimizer itself rejects (its keys are checked with the config)."""
+    read_sample_prompts(config.sample_prompts)
+    check_optimizer_settings(config.optimizer_type, config.optimizer_args, config.learning_rate)
 
 
 def make_plan(config: Any, train_dir: Path | str | None = None, reg_dir: Path | str | None = None) -> Plan:

@@ -48,7 +48,7 @@ def placeholders_of(config: Any) -> tuple[str, ...]:
 
 def plan_runs(expansion: Expansion, sweep_dir: Path) -> list[RunPlan]:
     """Plan every run of ``expansion`` (unique runs, training order)."""
-    from loralab.plan.planner import make_plan
+    from loralab.plan.planner import check_run_settings, make_plan
     from loralab.train.state import find_state_dir
 
     plans = []
@@ -64,6 +64,7 @@ def plan_runs(expansion: Expansion, sweep_dir: Path) -> list[RunPlan]:
         placeholders = placeholders_of(run.config)
         try:
             plan = make_plan(run.config)
+            check_run_settings(run.config)
             steps, epochs, problem = plan.max_train_steps, plan.epochs, None
         except LoralabError as exc:
             steps, epochs, problem = None, None, str(exc)

@@ -51,7 +51,8 @@ from loralab.train.loss_weighting import LossWeighting
 from loralab.train.noise import ForwardDiffusion, NoiseSettings, draw_noise_and_timesteps
 from loralab.train.optimizer_setup import d_times_lr, group_lrs
 from loralab.train.precision import PrecisionPlan, autocast
-from loralab.train.sampling import SamplePrompt, render_samples, sample_file_name, save_png_atomically
+from loralab.train.sample_prompts import SamplePrompt
+from loralab.train.sampling import render_samples, sample_file_name, save_png_atomically
 from loralab.train.save_names import epoch_lora_name, final_lora_name, step_lora_name
 from loralab.train.saving import Cadence, KeepLast, save_lora
 from loralab.train.state import TrainingProgress, save_training_state

@@ -25,7 +25,9 @@ signature checks, the kwargs an sd-scripts name implies). Extra rules here:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -111,7 +113,27 @@ def build_optimizer(
     optimizer_cls = spec.load()
     if _use_fused_cpu_kernel(optimizer_cls, kwargs, param_groups, device):
         kwargs["fused"] = True
-    return optimizer_cls(param_groups, lr=learning_rate, **kwargs)
+    try:
+        return optimizer_cls(param_groups, lr=learning_rate, **kwargs)
+    except (TypeError, ValueError) as exc:  # the optimizer's own checks of its arguments' values
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        settings = " ".join(f"{key}={value!r}" for key, value in optimizer_args.items()) or "none"
+        raise ConfigError(
+            f"{spec.name} refused its settings ({detail}); check optimizer_args ({settings}) and the learning rates"
+        ) from None
+
+
+def check_optimizer_settings(optimizer_type: str, optimizer_args: Mapping[str, Any], learning_rate: float) -> None:
+    """Build the optimizer over one throwaway parameter, so that values it refuses (``betas=0.9``,
+    a negative weight decay) fail in ``loralab plan`` as they would when the run starts.
+
+    bitsandbytes optimizers are left to the run: they need a CUDA GPU and their package.
+    """
+    if _is_bitsandbytes(resolve_optimizer(optimizer_type).module):
+        return
+    groups = [{"params": [torch.zeros(1, requires_grad=True)], "lr": learning_rate}]
+    with contextlib.redirect_stdout(io.StringIO()):  # D-Adaptation prints its settings when built
+        build_optimizer(optimizer_type, optimizer_args, groups, learning_rate=learning_rate)
 
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

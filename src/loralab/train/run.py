@@ -57,7 +57,7 @@ from loralab.train.precision import (
     make_grad_scaler,
 )
 from loralab.train.resume import changed_totals, resume_hint, rewind_event_files
-from loralab.train.sampling import read_sample_prompts
+from loralab.train.sample_prompts import read_sample_prompts
 from loralab.train.save_names import final_lora_name
 from loralab.train.saving import training_metadata
 from loralab.train.state import StateError, TrainingProgress, find_state_dir, load_training_state
