@@ -31,6 +31,8 @@ from loralab.train.run import train
 from loralab.train.sample_prompts import SamplePrompt, parse_prompt_line, read_sample_prompts
 from loralab.train.save_names import SavedLoraName, epoch_lora_name, final_lora_name, parse_lora_name, step_lora_name
 from loralab.train.saving import Cadence, KeepLast
+from loralab.train.state import TrainingProgress, save_training_state
+from loralab.train.tb_logging import LossRecorder
 
 SEED_CONFIG = Path(__file__).parent / "data" / "seed" / "config_SD1.5.json"
 KOHYA_TAGS = {
@@ -191,9 +193,30 @@ def test_skip_policy_drops_only_the_non_finite_step(workspace, tmp_path):
 
 
 def test_a_run_directory_holding_a_run_is_refused(workspace, tmp_path):
+    config = tiny_config(workspace.checkpoint, workspace.single)
     (tmp_path / "manifest.json").write_text("{}")
-    with pytest.raises(ConfigError, match="already holds a training run"):
-        train(tiny_config(workspace.checkpoint, workspace.single), run_dir=tmp_path, progress="quiet")
+    # Without a saved state there is nothing to resume: the message must not send the user there.
+    with pytest.raises(ConfigError, match="already holds a training run that saved no state") as error:
+        train(config, run_dir=tmp_path, progress="quiet")
+    assert "--resume" not in str(error.value)
+    module = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    save_training_state(
+        tmp_path / "state", progress=TrainingProgress(1, 1, 1), trainable=module, optimizer=optimizer,
+        lr_scheduler=scheduler, loss_recorder=LossRecorder(),
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=f"resume it with --resume {tmp_path}"):
+        train(config, run_dir=tmp_path, progress="quiet")
+
+
+def test_a_run_directory_that_cannot_be_made_is_one_clear_error(workspace, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    config = tiny_config(workspace.checkpoint, workspace.single)
+    for run_dir in (tmp_path / "a_file", tmp_path / "a_file" / "run"):
+        with pytest.raises(ConfigError, match="cannot create the run folder .*choose another --run-dir"):
+            train(config, run_dir=run_dir, progress="quiet")
+    assert (tmp_path / "a_file").read_text() == "x"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -752,6 +752,42 @@ def test_state_write_is_atomic_and_errors_are_clear(tmp_path):
         load_training_state(tmp_path / "state", **{**common, "trainable": other_network})
 
 
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda state: (state / "trainable.safetensors").unlink(), "trainable.safetensors is unreadable \\(missing\\)"),
+        (lambda state: _truncate(state / "trainable.safetensors"), "trainable.safetensors is unreadable"),
+        (lambda state: (state / "progress.json").write_text(""), "progress.json is unreadable"),
+        (lambda state: (state / "progress.json").write_text('{"format_version": 1}'), "progress.json is unreadable"),
+        (lambda state: _truncate(state / "rng.pt"), "rng.pt is unreadable"),
+        (lambda state: _truncate(state / "optimizer.pt"), "optimizer.pt is unreadable"),
+        (lambda state: (state / "lr_scheduler.pt").unlink(), "lr_scheduler.pt is unreadable \\(missing\\)"),
+    ],
+)
+def test_a_damaged_state_is_one_clear_error(tmp_path, damage, message):
+    network, optimizer, scheduler = _toy_training()
+    common = dict(trainable=network, optimizer=optimizer, lr_scheduler=scheduler, loss_recorder=LossRecorder())
+    state = save_training_state(tmp_path / "state", progress=TrainingProgress(1, 0, 1), **common)
+    damage(state)
+    with pytest.raises(StateError, match=f"is damaged: {message}.*start the run again") as error:
+        load_training_state(state, **common)
+    assert "\n" not in str(error.value)
+
+
+def test_a_state_of_another_network_names_the_mismatch(tmp_path):
+    network, optimizer, scheduler = _toy_training()
+    common = dict(trainable=network, optimizer=optimizer, lr_scheduler=scheduler, loss_recorder=LossRecorder())
+    state = save_training_state(tmp_path / "state", progress=TrainingProgress(1, 0, 1), **common)
+    wider = torch.nn.Linear(3, 4)
+    with pytest.raises(StateError, match="does not fit .*size mismatch for weight") as error:
+        load_training_state(state, **{**common, "trainable": wider})
+    assert "\n" not in str(error.value)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
 @pytest.mark.parametrize("gradient_scale", [1e-3, 10.0])  # below and above max_norm
 @pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float32, torch.float64)])
 def test_clip_gradients_equals_torch_clip_grad_norm(gradient_scale, dtypes):

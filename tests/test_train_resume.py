@@ -99,6 +99,23 @@ def test_resuming_with_other_totals_warns_and_continues(workspace, tmp_path, cap
 def test_resume_needs_a_saved_state(workspace, tmp_path):
     with pytest.raises(StateError, match="no saved training state"):
         train(workspace.config, run_dir=None, resume=tmp_path, progress="quiet")
+    with pytest.raises(StateError, match="no such run folder"):
+        train(workspace.config, run_dir=None, resume=tmp_path / "missing", progress="quiet")
+
+
+def test_a_failed_resume_leaves_the_runs_config_as_it_was(workspace, tmp_path):
+    """Resuming again needs the run's config.toml: a resume refused for a mismatched or damaged
+    state must not overwrite it with the config that failed."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(workspace.reference.run_dir, run_dir)
+    saved = (run_dir / "config.toml").read_bytes()
+    other_rank = workspace.config.model_copy(update={"network_dim": 8, "max_train_epochs": 4})
+    with pytest.raises(StateError, match="does not fit .*size mismatch"):
+        train(other_rank, run_dir=None, resume=run_dir, progress="quiet")
+    (run_dir / "state" / "rng.pt").write_bytes(b"")
+    with pytest.raises(StateError, match="rng.pt is unreadable"):
+        train(workspace.config, run_dir=None, resume=run_dir, progress="quiet")
+    assert (run_dir / "config.toml").read_bytes() == saved
 
 
 def test_a_schedule_free_run_resumes_exactly(workspace, tmp_path):

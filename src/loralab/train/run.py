@@ -135,8 +135,6 @@ def train(
         cleanup.callback(torch.set_num_threads, threads.previous_torch_threads)
         torch.manual_seed(config.seed + accelerator.process_index)  # LoRA dropouts draw from it
         main = accelerator.is_main_process
-        if main:
-            save_config(config, run_dir / "config.toml")
 
         precision = config_precision(config)
         components = setup_model(config, precision, accelerator.device, base_model=base_model, cleanup=cleanup)
@@ -163,6 +161,9 @@ def train(
                 logger.warning("the config changed since the run was saved (%s); resuming anyway", change)
             manifest = read_manifest(run_dir)
         if main:
+            # Only now: a resume that fails (state of another rank, a damaged file) must leave the
+            # run's config.toml as it was, since resuming again needs it.
+            save_config(config, run_dir / "config.toml")
             manifest = _start_manifest(manifest, config, dataset, accelerator, totals, start, resume is not None)
             write_manifest(run_dir, manifest)
 
@@ -398,15 +399,25 @@ def _resolve_run_dir(config: Any, run_dir: Path | str | None, resume: Path | str
         resume = Path(resume)
         if run_dir is not None and Path(run_dir).resolve() != resume.resolve():
             raise ConfigError(f"--resume {resume} continues that run in place; leave out --run-dir {run_dir}")
+        if not resume.is_dir():
+            raise StateError(f"--resume {resume}: no such run folder; give the folder of the run to continue")
         if find_state_dir(resume / "state") is None:
             raise StateError(
                 f"{resume} holds no saved training state (state/); runs save it with save_state, or when interrupted"
             )
         return resume
     path = Path(run_dir) if run_dir is not None else default_run_dir(config)
-    if (path / "manifest.json").exists() or (path / "state").exists():
+    if find_state_dir(path / "state") is not None:
         raise ConfigError(f"{path} already holds a training run; resume it with --resume {path} or choose another --run-dir")
-    path.mkdir(parents=True, exist_ok=True)
+    if (path / "manifest.json").exists() or (path / "state").exists():
+        raise ConfigError(
+            f"{path} already holds a training run that saved no state to resume from; choose another --run-dir "
+            "(or delete that folder)"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the run folder {path}: {exc.strerror or exc}; choose another --run-dir") from None
     return path
 
 

@@ -206,26 +206,64 @@ def load_training_state(
     found = find_state_dir(Path(directory))
     if found is None:
         raise StateError(f"no complete training state in {directory}; resume from a run directory that saved state")
-    record = json.loads((found / PROGRESS_FILE).read_text(encoding="utf-8"))
-    if record.get("format_version") != STATE_FORMAT_VERSION:
+    record = _read_state_file(found, PROGRESS_FILE, lambda path: json.loads(path.read_text(encoding="utf-8")))
+    if not isinstance(record, dict) or record.get("format_version") != STATE_FORMAT_VERSION:
+        version = record.get("format_version") if isinstance(record, dict) else None
         raise StateError(
-            f"training state in {found} has format {record.get('format_version')}, "
+            f"training state in {found} has format {version}, "
             f"expected {STATE_FORMAT_VERSION}; it was written by another loralab version"
         )
+    if not all(isinstance(record.get(key), dict) for key in ("progress", "loss_recorder", "extra")):
+        raise _damaged(found, PROGRESS_FILE, "entries missing")
 
-    weights = load_file(str(found / "trainable.safetensors"))
+    def load_torch(path: Path) -> Any:
+        return torch.load(path, weights_only=True)
+
+    weights = _read_state_file(found, "trainable.safetensors", lambda path: load_file(str(path)))
+    optimizer_state = _read_state_file(found, "optimizer.pt", load_torch)
+    scheduler_state = _read_state_file(found, "lr_scheduler.pt", load_torch)
+    rng_state = _read_state_file(found, "rng.pt", load_torch)
+    scaler_state = None
+    if grad_scaler is not None and (found / "grad_scaler.pt").is_file():
+        scaler_state = _read_state_file(found, "grad_scaler.pt", load_torch)
     try:
         trainable.load_state_dict(weights, strict=True)
-        optimizer.load_state_dict(torch.load(found / "optimizer.pt", weights_only=True))
-    except (RuntimeError, ValueError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        optimizer.load_state_dict(optimizer_state)
+        lr_scheduler.load_state_dict(scheduler_state)
+        if scaler_state is not None:
+            grad_scaler.load_state_dict(scaler_state)
+        restore_rng_state(rng_state, generators)
+        loss_recorder.load_state_dict(record["loss_recorder"])
+        progress = TrainingProgress(**record["progress"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise StateError(
-            f"training state in {found} does not fit this run's network or optimizer ({first_line}); "
+            f"training state in {found} does not fit this run's network or optimizer ({_first_detail(exc)}); "
             f"resume with the config the run was started with"
         ) from exc
-    lr_scheduler.load_state_dict(torch.load(found / "lr_scheduler.pt", weights_only=True))
-    if grad_scaler is not None and (found / "grad_scaler.pt").is_file():
-        grad_scaler.load_state_dict(torch.load(found / "grad_scaler.pt", weights_only=True))
-    restore_rng_state(torch.load(found / "rng.pt", weights_only=True), generators)
-    loss_recorder.load_state_dict(record["loss_recorder"])
-    return ResumedState(progress=TrainingProgress(**record["progress"]), extra=record["extra"])
+    return ResumedState(progress=progress, extra=record["extra"])
+
+
+def _read_state_file(found: Path, name: str, read: Callable[[Path], Any]) -> Any:
+    """``read(found / name)``; a missing or unreadable file is a damaged state (``StateError``)."""
+    try:
+        return read(found / name)
+    except FileNotFoundError:
+        raise _damaged(found, name, "missing") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged file fails in its reader in any way
+        raise _damaged(found, name, _first_detail(exc)) from None
+
+
+def _damaged(found: Path, name: str, detail: str) -> StateError:
+    return StateError(
+        f"training state in {found} is damaged: {name} is unreadable ({detail}); "
+        "resume from a copy of the run folder, or start the run again"
+    )
+
+
+def _first_detail(exc: BaseException) -> str:
+    """The first informative line of an exception (``load_state_dict`` opens with a bare
+    "Error(s) in loading state_dict for X:"), shortened to one readable clause."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    informative = [line for line in lines if not line.endswith(":")]
+    detail = (informative or lines or [type(exc).__name__])[0]
+    return detail if len(detail) <= 200 else detail[:197] + "..."
