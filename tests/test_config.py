@@ -486,6 +486,11 @@ def _failing_cli_args(case: str, folder: Path) -> list[str]:
         return ["config", "convert", str(write_json(folder, gui_config(leraning_rate=1))), out]
     if case == "malformed optimizer_args":
         return ["config", "convert", str(write_json(folder, gui_config(optimizer_args="betas0.9"))), out]
+    if case == "missing input without suffix":
+        return ["config", "convert", str(folder / "my_config"), out]
+    if case == "folder as input":
+        (folder / "configs").mkdir()
+        return ["config", "convert", str(folder / "configs"), out]
     if case == "output not toml":
         return ["config", "convert", seed, str(folder / "o.json")]
     return ["config", "show", seed, "--set", "resolution=700"]
@@ -495,6 +500,8 @@ def _failing_cli_args(case: str, folder: Path) -> list[str]:
     ("case", "message"),
     [
         ("missing input", "not found"),
+        ("missing input without suffix", "my_config not found"),
+        ("folder as input", "configs is a folder"),
         ("unknown key", "did you mean 'learning_rate'"),
         ("malformed optimizer_args", "'betas0.9'"),
         ("output not toml", "must be a .toml"),

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from train_support import CAPTION, lora_tensors, make_dataset, max_tensor_difference, series, tiny_config
 
 from loralab.cli.main import main
-from loralab.config.loading import load_config
+from loralab.config.loading import load_config, save_config
 from loralab.errors import ConfigError
 from loralab.models.loading import load_checkpoint
 from loralab.models.tiny import make_tiny
@@ -208,6 +208,19 @@ def test_a_run_directory_holding_a_run_is_refused(workspace, tmp_path):
     )  # fmt: skip
     with pytest.raises(ConfigError, match=f"resume it with --resume {tmp_path}"):
         train(config, run_dir=tmp_path, progress="quiet")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_a_gpu_only_optimizer_on_the_cpu_is_one_error_line(workspace, tmp_path, capsys, caplog):
+    config_file = tmp_path / "run.toml"
+    save_config(tiny_config(workspace.checkpoint, workspace.single, optimizer_args={}), config_file)
+    argv = ["train", str(config_file), "--set", "optimizer_type=AdamW8bit", "--quiet", "--run-dir", str(tmp_path / "run")]
+    with caplog.at_level("WARNING"):
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "needs a CUDA GPU" in err
+    # No warning beside it (without bitsandbytes installed, nothing in optimizer_args went unchecked).
+    assert [record.getMessage() for record in caplog.records if record.levelname == "WARNING"] == []
 
 
 def test_a_run_directory_that_cannot_be_made_is_one_clear_error(workspace, tmp_path):

@@ -119,4 +119,5 @@ def _check_optimizer(config: TrainConfig) -> None:
         validate_optimizer_args(config.optimizer_type, config.optimizer_args)
     except OptimizerPackageMissing as exc:
         # Planning or converting a config must not need a GPU-only package; training will.
-        log.warning("optimizer_args not checked: %s", exc)
+        if config.optimizer_args:  # else there is nothing left unchecked to warn about
+            log.warning("optimizer_args not checked: %s", exc)

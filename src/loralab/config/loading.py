@@ -69,6 +69,11 @@ def read_config(path: Path | str, overrides: Sequence[str] = ()) -> LoadedConfig
     """Like :func:`load_config`, returning the source format and the ignored keys too."""
     path = Path(path)
     where = str(path)
+    # A missing file or a folder says so before its name's suffix is judged.
+    if not path.exists():
+        raise ConfigError(f"config file {path} not found; check the path")
+    if path.is_dir():
+        raise ConfigError(f"config path {path} is a folder; give the config file")
     if path.suffix.lower() == ".json":
         data = _read_json(path)
         values, ignored = import_gui_config(data, where)
@@ -160,7 +165,7 @@ def _read_text(path: Path, encoding: str = "utf-8") -> str:
     try:
         return path.read_text(encoding=encoding)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found") from None
+        raise ConfigError(f"config file {path} not found; check the path") from None
     except IsADirectoryError:
         raise ConfigError(f"config path {path} is a folder; give the config file") from None
     except UnicodeDecodeError as exc:
