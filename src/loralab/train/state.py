@@ -262,8 +262,8 @@ def _damaged(found: Path, name: str, detail: str) -> StateError:
 
 def _first_detail(exc: BaseException) -> str:
     """The first informative line of an exception (``load_state_dict`` opens with a bare
-    "Error(s) in loading state_dict for X:"), shortened to one readable clause."""
+    "Error(s) in loading state_dict for X:"), shortened to its first sentence."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     informative = [line for line in lines if not line.endswith(":")]
-    detail = (informative or lines or [type(exc).__name__])[0]
-    return detail if len(detail) <= 200 else detail[:197] + "..."
+    detail = (informative or lines or [type(exc).__name__])[0].split(". ")[0].rstrip(".")
+    return detail if len(detail) <= 240 else detail[:237] + "..."
