@@ -465,3 +465,9 @@ def test_lora_names_resolve_as_in_a1111s_lora_folder(files, tmp_path: Path) -> N
         library.resolve("twin")
     with pytest.raises(LoralabError, match="did you mean Blh_Final"):
         library.resolve("Blh_Finl")
+    # Files that only carry the suffix (their first bytes read as a huge header size) are not
+    # LoRAs to match by their metadata, and do not stop the search.
+    (tmp_path / "notes.safetensors").write_bytes(b"\xff" * 64)
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(LoralabError, match="not found in"):
+        LoraLibrary(tmp_path).resolve("unknown_name")

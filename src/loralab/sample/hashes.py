@@ -60,12 +60,15 @@ def embedding_short_hash(path: Path | str) -> str:
 
 def safetensors_metadata(path: Path | str) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file, read from its header alone ({} when unreadable)."""
-    with Path(path).open("rb") as handle:
-        header_size = int.from_bytes(handle.read(8), "little")
-        try:
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            if header_size > path.stat().st_size - 8:  # not a safetensors file (its first bytes are anything)
+                return {}
             header = json.loads(handle.read(header_size))
-        except ValueError:
-            return {}
+    except (OSError, ValueError):
+        return {}
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     return {k: v for k, v in metadata.items() if isinstance(v, str)} if isinstance(metadata, dict) else {}
 
