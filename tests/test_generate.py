@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from lora_test_support import random_network, weight_digests
 from PIL import Image
 
@@ -282,6 +283,9 @@ def test_sdxl_v_prediction_long_prompts_and_batches(files) -> None:
         ({"prompt": "x <lora:xl:1>"}, LoralabError, "LoRA for SDXL but the checkpoint is SD1.x"),
         ({"width": 65}, GenerationError, "width 65 must be a positive multiple of 8"),
         ({"cfg_scale": 0.0}, GenerationError, "CFG scale 0 must be above 0"),
+        ({"cfg_scale": float("inf")}, GenerationError, "CFG scale inf must be above 0"),
+        ({"width": 100_000}, GenerationError, "width 100000 is above 8192"),
+        ({"seed": 2**70}, GenerationError, "outside torch's seed range"),
         ({"negative_prompt": "<lora:x:1>"}, GenerationError, "not in the negative prompt"),
         ({"prompt": "x <hypernet:h:1>"}, LoralabError, "only <lora"),
     ],
@@ -291,6 +295,20 @@ def test_bad_input_is_one_error_before_any_model_loads(files, changes, error, me
     with pytest.raises(error, match=message) as caught:
         engine.generate([_request(files["a"]), _request(files["a"], **changes)])
     assert "\n" not in str(caught.value)
+
+
+def test_running_out_of_memory_is_one_error_naming_the_size(files, monkeypatch) -> None:
+    from loralab.sample import generator
+
+    class ExhaustedPipeline:
+        scheduler = None
+
+        def __call__(self, **kwargs):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(generator, "build_pipeline", lambda components, scheduler: ExhaustedPipeline())
+    with pytest.raises(GenerationError, match="out of memory rendering 1 image\\(s\\) of 64x64 on cpu; use a smaller size"):
+        GenerationEngine().generate([_request(files["a"], width=64, height=64)])
 
 
 def test_axes_are_checked_before_rendering(files) -> None:
@@ -328,6 +346,14 @@ def test_cli_generates_pngs_and_reports_bad_input_in_one_line(files, tmp_path: P
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown sampler 'Eular a'; known samplers:") and err.count("\n") == 1
+
+    bad_devices = {"foo": "'foo' is not a device name; use cpu, cuda or cuda:N"}
+    if not torch.cuda.is_available():
+        bad_devices["cuda"] = "sees no CUDA GPU here; use --device cpu"
+    for device, message in bad_devices.items():
+        assert main([*common, "--prompt", "x", "--device", device, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --device ") and message in err and err.count("\n") == 1
 
 
 def test_cli_xyz_plot_with_a_prompt_file(files, tmp_path: Path, capsys) -> None:

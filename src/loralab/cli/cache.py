@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loralab.cli.options import add_override_option
+from loralab.cli.options import add_override_option, resolve_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,8 +50,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `loralab --help` does not pay for torch and diffusers.
-    import torch
-
     from loralab.data.dataset import TrainingDataset
     from loralab.data.latent_cache import LatentCache
     from loralab.errors import ConfigError
@@ -64,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.vae_batch_size < 1:
         raise ConfigError(f"--vae-batch-size {args.vae_batch_size} must be at least 1")
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     vae, vae_source = _load_vae(config, args, device)
     cache = LatentCache.for_vae(vae, source=vae_source, root=args.cache_dir)
     print(f"latent cache: {cache.root} (VAE {cache.vae_id[:12]}, {cache.dtype})", file=sys.stderr)

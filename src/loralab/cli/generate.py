@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loralab.cli.options import resolve_device
+
 if TYPE_CHECKING:
     from loralab.sample.generator import GenerationEngine, ImageRequest
     from loralab.sample.request_plan import RequestTemplate
@@ -108,7 +110,7 @@ def _engine(args: argparse.Namespace) -> GenerationEngine:
         from loralab.sample.embeddings import EmbeddingLibrary
         from loralab.sample.generator import GenerationEngine
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     precision = args.precision or ("fp16" if device.startswith("cuda") else "fp32")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     embeddings = EmbeddingLibrary.from_folder(args.embeddings) if args.embeddings else None

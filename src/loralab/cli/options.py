@@ -22,3 +22,31 @@ def add_override_option(parser: argparse.ArgumentParser) -> None:
         help="override a config key (same names and checks as the file, e.g. optimizer_args.growth_rate=1.06); "
         "repeatable",
     )
+
+
+def resolve_device(requested: str | None) -> str:
+    """The torch device a ``--device`` value names: CUDA when available if none is given.
+
+    Raises ``ConfigError`` for a name torch does not know and for a device this machine's torch
+    cannot use (no CUDA GPU, a GPU index beyond the ones there, no Apple GPU).
+    """
+    import torch
+
+    from loralab.errors import ConfigError
+
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ConfigError(f"--device {requested!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {requested}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {requested}: there are {torch.cuda.device_count()} CUDA GPU(s), counted from 0")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {requested}: no Apple GPU (MPS) is usable here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {requested}: loralab runs on cpu, cuda or mps")
+    return str(device)

@@ -35,11 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `loralab --help` does not pay for matplotlib, torch and tensorboard.
+    from loralab.cli.options import resolve_device
     from loralab.sweep.report import write_report
     from loralab.sweep.scoring import ScoringSettings, build_scorers, score_sweep
 
     if args.face_model is not None or args.clip_model is not None:
-        scorers = build_scorers(ScoringSettings(args.face_model, args.clip_model, args.device))
+        scorers = build_scorers(ScoringSettings(args.face_model, args.clip_model, resolve_device(args.device)))
         scored = score_sweep(args.sweep_dir, scorers)
         print(f"scored {len(scored)} save points")
     index = write_report(args.sweep_dir, args.out)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,8 @@ from loralab.sample.samplers import SamplerSpec, build_scheduler, resolve_sample
 logger = logging.getLogger(__name__)
 
 MAX_STEPS = 1000
+MAX_SIDE = 8192
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 Loader = Callable[..., StableDiffusionComponents]
 
 
@@ -180,12 +183,16 @@ def build_pipeline(components: StableDiffusionComponents, scheduler: Any) -> Any
 
 
 def check_settings(request: ImageRequest) -> None:
-    """Raise ``GenerationError`` for a size, CFG, step count or clip skip out of range."""
+    """Raise ``GenerationError`` for a size, CFG, step count, seed or clip skip out of range."""
     for name, value in (("width", request.width), ("height", request.height)):
         if value < 8 or value % 8:
             raise GenerationError(f"{name} {value} must be a positive multiple of 8 (e.g. {max(8, value - value % 8)})")
-    if not request.cfg_scale > 0:
+        if value > MAX_SIDE:
+            raise GenerationError(f"{name} {value} is above {MAX_SIDE}; render smaller and upscale")
+    if not (request.cfg_scale > 0 and math.isfinite(request.cfg_scale)):
         raise GenerationError(f"CFG scale {request.cfg_scale:g} must be above 0 (A1111's usual range is 3 to 12)")
+    if not SEED_RANGE[0] <= request.seed <= SEED_RANGE[1]:
+        raise GenerationError(f"seed {request.seed} is outside torch's seed range ({SEED_RANGE[0]} to {SEED_RANGE[1]})")
     if not 1 <= request.steps <= MAX_STEPS:
         raise GenerationError(f"steps {request.steps} must be between 1 and {MAX_STEPS}")
     if request.clip_skip is not None and request.clip_skip < 1:
@@ -393,7 +400,20 @@ class GenerationEngine:
         if model.components.family is ModelFamily.SDXL:
             kwargs["pooled_prompt_embeds"] = torch.cat([e.pooled for e in positives])
             kwargs["negative_pooled_prompt_embeds"] = torch.cat([e.pooled for e in negatives])
-        return model.pipeline(**kwargs).images
+        try:
+            return model.pipeline(**kwargs).images
+        except torch.OutOfMemoryError:
+            raise self._out_of_memory(request, len(batch)) from None
+        except RuntimeError as exc:
+            if "can't allocate memory" in str(exc) or "out of memory" in str(exc):  # the CPU allocator's words
+                raise self._out_of_memory(request, len(batch)) from None
+            raise
+
+    def _out_of_memory(self, request: ImageRequest, batch_size: int) -> GenerationError:
+        return GenerationError(
+            f"out of memory rendering {batch_size} image(s) of {request.width}x{request.height} on {self.device}; "
+            "use a smaller size or --batch"
+        )
 
     # --- models and LoRAs ------------------------------------------------------------------------
 
