@@ -350,6 +350,10 @@ def test_cli_generates_pngs_and_reports_bad_input_in_one_line(files, tmp_path: P
     bad_devices = {"foo": "'foo' is not a device name; use cpu, cuda or cuda:N"}
     if not torch.cuda.is_available():
         bad_devices["cuda"] = "sees no CUDA GPU here; use --device cpu"
+    (tmp_path / "a_file").write_text("x")
+    assert main([*common, "--prompt", "x", "--out", str(tmp_path / "a_file" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out ") and "cannot create that folder" in err and err.count("\n") == 1
     for device, message in bad_devices.items():
         assert main([*common, "--prompt", "x", "--device", device, "--out", str(out)]) == 2
         err = capsys.readouterr().err

@@ -50,3 +50,18 @@ def resolve_device(requested: str | None) -> str:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"--device {requested}: loralab runs on cpu, cuda or mps")
     return str(device)
+
+
+def output_folder(path: Path, option: str) -> Path:
+    """``path`` created (parents too) to hold a command's outputs.
+
+    Raises ``ConfigError`` naming ``option`` when it cannot be (a file of that name, a file on
+    the way, no permission).
+    """
+    from loralab.errors import ConfigError
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot create that folder ({exc.strerror}); choose another {option}") from None
+    return path
