@@ -352,6 +352,25 @@ def test_report_is_replaced_whole_and_foreign_folders_are_left_alone(sweep: Path
     assert write_report(copy, empty) == empty / "index.html"
 
 
+def test_the_command_reports_unusable_folders_in_one_line(sweep: Path, tmp_path: Path, capsys) -> None:
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy)
+    (tmp_path / "a_file").write_text("x")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "expanded.json").write_text("{not json")
+    cases = [
+        ([str(tmp_path / "a_file")], "is not a folder"),
+        ([str(damaged)], "expanded.json is damaged"),
+        ([str(copy), "--out", str(tmp_path / "a_file" / "report")], "cannot write the report into"),
+    ]
+    for argv, message in cases:
+        assert main(["report", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
 def test_a_run_that_never_started_is_listed(sweep: Path, tmp_path: Path) -> None:
     copy = tmp_path / "sweep"
     shutil.copytree(sweep, copy)

@@ -181,6 +181,17 @@ def test_dry_run_prints_the_plan_and_writes_nothing(workspace):
     assert "2 runs" in text and "network_dim-16" in text and "to train: 2 of 2 runs, 8 steps" in text
 
 
+def test_a_sweep_folder_that_cannot_be_made_is_one_clear_error(workspace):
+    from loralab.sweep.spec import SweepError
+
+    folder = in_folder(workspace, "unmakeable")
+    path = sweep_file(folder, "[axes]\nnetwork_dim = [4, 16]\n")
+    (folder / "a_file").write_text("x")
+    with pytest.raises(SweepError, match="cannot create the sweep folder .*choose another --out") as error:
+        run_sweep(SweepOptions(path, folder / "a_file" / "out"), printer=quiet([]))
+    assert "\n" not in str(error.value) and (folder / "a_file").read_text() == "x"
+
+
 # ---------------------------------------------------------------------------------------------
 # Failures
 

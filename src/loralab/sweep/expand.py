@@ -374,7 +374,14 @@ def write_expanded(expansion: Expansion, sweep_dir: Path) -> Path:
 def read_expanded(sweep_dir: Path) -> list[dict[str, Any]]:
     """The entries of a sweep folder's ``expanded.json`` (for the report and scoring)."""
     path = Path(sweep_dir) / EXPANDED_FILE
+    if not Path(sweep_dir).is_dir():
+        raise SweepError(f"{sweep_dir} is not a folder; give the sweep's output folder")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        entries = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SweepError(f"{sweep_dir} holds no {EXPANDED_FILE}; run 'loralab sweep' on it first") from None
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        raise SweepError(f"{path} is damaged ({exc}); run 'loralab sweep' on the sweep file again to rewrite it") from None
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise SweepError(f"{path} is damaged (not a list of runs); run 'loralab sweep' on the sweep file again to rewrite it")
+    return entries

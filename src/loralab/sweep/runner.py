@@ -134,7 +134,10 @@ def run_sweep(options: SweepOptions, printer: Printer = print) -> SweepSummary:
     if options.dry_run:
         return summary
 
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SweepError(f"cannot create the sweep folder {sweep_dir} ({exc.strerror}); choose another --out") from None
     write_text_atomic(sweep_dir / SWEEP_FILE, Path(options.file).read_text(encoding="utf-8"))
     write_expanded(expansion, sweep_dir)
     if settings is not None:

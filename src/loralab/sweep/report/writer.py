@@ -51,7 +51,10 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None) -> Path:
 
     staging = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / ASSETS).mkdir(parents=True)
+    try:
+        (staging / ASSETS).mkdir(parents=True)
+    except OSError as exc:
+        raise ReportError(f"cannot write the report into {out_dir} ({exc.strerror}); choose another --out") from None
     try:
         _render(data, staging)
         for name in (RESULTS_JSON, RESULTS_CSV):
