@@ -174,6 +174,9 @@ def test_evaluation_include_random_prompts_and_trigger_removal(tmp_path):
         "[prompts]\nsimple = ['photo of blh woman']\nrandom = { wildcard_file = 'scene.txt', count = 5 }\n"
     )
     spec = read_sweep(write_sweep(tmp_path, '[evaluation]\ninclude = "shared.toml"\nseeds = [3]\n'))
+    with pytest.raises(SweepError, match="evaluation.checkpoints.ds: .*ds.safetensors not found"):
+        resolve_evaluation(spec, "base.safetensors")  # found before any run trains
+    (tmp_path / "ds.safetensors").write_bytes(b"")
     settings = resolve_evaluation(spec, "base.safetensors")
     assert settings.seeds == (3,)  # the sweep file's own key wins
     assert [(c.label, c.path, c.cfg) for c in settings.checkpoints] == [
@@ -185,6 +188,12 @@ def test_evaluation_include_random_prompts_and_trigger_removal(tmp_path):
     assert resolve_evaluation(spec, None).prompt_sets == settings.prompt_sets  # drawn the same every time
     assert settings.trigger_modes == (True, False)
     assert settings.images_per_save_point() == 2 * 6 * 1 * 1 * 2
+
+
+def test_an_unknown_evaluation_sampler_is_refused_before_training(tmp_path):
+    spec = read_sweep(write_sweep(tmp_path, '[evaluation]\nsampler = "Eular a"\n[evaluation.prompts]\np = ["x"]\n'))
+    with pytest.raises(SweepError, match="evaluation.sampler: unknown sampler 'Eular a'"):
+        resolve_evaluation(spec, "base.safetensors")
 
 
 def test_remove_trigger():

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from loralab.sample.samplers import SamplerError, resolve_sampler
 from loralab.sweep.layout import (
     BASELINE_MODELS,
     EVALUATION_FILE,
@@ -105,6 +106,15 @@ def resolve_evaluation(
         EvalCheckpointSettings(label, _sweep_path(spec, item.path), item.cfg or evaluation.cfg)
         for label, item in evaluation.checkpoints.items()
     ) or (EvalCheckpointSettings("base", str(base_checkpoint), evaluation.cfg),)
+    # Found out now rather than after hours of training, when the first save point is rendered.
+    for label, item in evaluation.checkpoints.items():
+        path = _sweep_path(spec, item.path)
+        if not is_placeholder(path) and not Path(path).exists():
+            raise SweepError(f"{spec.source}: evaluation.checkpoints.{label}: {path} not found")
+    try:
+        resolve_sampler(evaluation.sampler)
+    except SamplerError as exc:
+        raise SweepError(f"{spec.source}: evaluation.sampler: {exc}") from None
     prompt_sets = {name: _prompts(spec, evaluation, name, value) for name, value in evaluation.prompts.items()}
     save_points = evaluation.save_points if isinstance(evaluation.save_points, str) else tuple(evaluation.save_points)
     return EvalSettings(
