@@ -491,6 +491,12 @@ def _failing_cli_args(case: str, folder: Path) -> list[str]:
     if case == "folder as input":
         (folder / "configs").mkdir()
         return ["config", "convert", str(folder / "configs"), out]
+    if case == "output is a folder":
+        (folder / "out.toml").mkdir()
+        return ["config", "convert", seed, str(folder / "out.toml"), "--force"]
+    if case == "output under a file":
+        (folder / "a_file").write_text("x")
+        return ["config", "convert", str(write_json(folder, gui_config())), str(folder / "a_file" / "o.toml")]
     if case == "output not toml":
         return ["config", "convert", seed, str(folder / "o.json")]
     return ["config", "show", seed, "--set", "resolution=700"]
@@ -505,6 +511,8 @@ def _failing_cli_args(case: str, folder: Path) -> list[str]:
         ("unknown key", "did you mean 'learning_rate'"),
         ("malformed optimizer_args", "'betas0.9'"),
         ("output not toml", "must be a .toml"),
+        ("output is a folder", "is a folder; give a .toml file name"),
+        ("output under a file", "cannot write"),
         ("bad override", "divisible"),
     ],
 )

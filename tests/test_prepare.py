@@ -756,6 +756,9 @@ def test_bad_folders_are_one_line_errors(small_source, tmp_path, capsys):
     code, _, err = run_cli(capsys, "prepare", small_source, foreign, *names)
     assert code == 2 and "is not a finished prepare output" in err
     assert sorted(p.name for p in foreign.iterdir()) == ["keep.txt"]
+    code, _, err = run_cli(capsys, "prepare", small_source, foreign / "keep.txt" / "out", *names)
+    assert code == 2 and "cannot create the output folder" in err and err.count("\n") == 1
+    assert (foreign / "keep.txt").read_text() == "mine"
 
 
 def test_a_folder_without_usable_images_shows_the_table_then_one_error(tmp_path, capsys):

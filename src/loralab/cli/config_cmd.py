@@ -70,11 +70,21 @@ def _convert(args: argparse.Namespace) -> int:
         raise ConfigError(f"output {target} must be a .toml file")
     if target.exists() and target.resolve() == args.source.resolve():
         raise ConfigError(f"output {target} is the input file; choose another name")
+    if target.is_dir():
+        raise ConfigError(f"output {target} is a folder; give a .toml file name")
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():  # checked before the source is read and its notes are printed
+        raise ConfigError(f"cannot write {target}: {ancestor} is a file; choose another output path")
     if target.exists() and not args.force:
         raise ConfigError(f"output {target} exists; pass --force to overwrite it")
     loaded = read_config(args.source, args.overrides)
     _report_ignored(loaded.ignored)
-    save_config(loaded.config, target)
+    try:
+        save_config(loaded.config, target)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {target} ({exc.strerror}); choose another output path") from None
     print(f"wrote {target} (from {loaded.source_format} config {args.source})")
     return 0
 

@@ -372,8 +372,11 @@ def _image_row(set_name: SetName, relative: str, outcome: ImageOutcome) -> FileR
 def _make_staging(out_dir: Path) -> Path:
     # Beside OUT_DIR so the final rename stays on one file system; hidden and clearly named so a
     # leftover from a killed run is never mistaken for a dataset.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.prepare-incomplete-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.prepare-incomplete-", dir=out_dir.parent))
+    except OSError as exc:
+        raise PrepareError(f"cannot create the output folder {out_dir} ({exc.strerror}); choose another output path") from None
 
 
 def _publish(staging: Path, out_dir: Path) -> None:
