@@ -360,7 +360,7 @@ def test_the_command_reports_unusable_folders_in_one_line(sweep: Path, tmp_path:
     damaged.mkdir()
     (damaged / "expanded.json").write_text("{not json")
     cases = [
-        ([str(tmp_path / "a_file")], "is not a folder"),
+        ([str(tmp_path / "a_file")], "is a file, not a folder"),
         ([str(damaged)], "expanded.json is damaged"),
         ([str(copy), "--out", str(tmp_path / "a_file" / "report")], "cannot write the report into"),
     ]

@@ -374,8 +374,8 @@ def write_expanded(expansion: Expansion, sweep_dir: Path) -> Path:
 def read_expanded(sweep_dir: Path) -> list[dict[str, Any]]:
     """The entries of a sweep folder's ``expanded.json`` (for the report and scoring)."""
     path = Path(sweep_dir) / EXPANDED_FILE
-    if not Path(sweep_dir).is_dir():
-        raise SweepError(f"{sweep_dir} is not a folder; give the sweep's output folder")
+    if Path(sweep_dir).exists() and not Path(sweep_dir).is_dir():
+        raise SweepError(f"{sweep_dir} is a file, not a folder; give the sweep's output folder")
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
