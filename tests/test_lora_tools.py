@@ -359,6 +359,38 @@ def test_bad_files_give_one_error_line(capsys, kind: str, command: str, bad_file
     assert not out.exists()
 
 
+def test_outputs_never_replace_inputs_and_existing_files_need_force(capsys, tiny_checkpoints, tiny_loras, tmp_path):
+    import hashlib
+
+    base, lora = tiny_checkpoints["sd15"], tiny_loras["sd15"]
+    digests = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in (base, lora)}
+    existing = tmp_path / "existing.safetensors"
+    existing.write_bytes(b"mine")
+    (tmp_path / "a_file").write_text("x")
+    writers = {
+        "merge": lambda out, *force: ["lora", "merge", base, f"{lora}:1", "--out", out, *force],
+        "resize": lambda out, *force: ["lora", "resize", lora, "--rank", 2, "--out", out, *force],
+        "extract": lambda out, *force: ["lora", "extract", base, base, "--rank", 2, "--out", out, *force],
+        "convert": lambda out, *force: ["lora", "convert", lora, out, "--to", "peft", *force],
+    }
+    an_input = {"merge": base, "resize": lora, "extract": base, "convert": lora}
+    for command, argv in writers.items():
+        cases = [
+            (argv(an_input[command], "--force"), "is one of the inputs"),
+            (argv(existing), "exists; pass --force to replace it"),
+            (argv(tmp_path), "is a folder"),
+            (argv(tmp_path / "a_file" / "out.safetensors"), "a_file is a file"),
+            (argv(tmp_path / "out.txt"), "must be a .safetensors file"),
+        ]
+        for arguments, message in cases:
+            code, _, err = run_cli(capsys, *arguments)
+            assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, (command, err)
+    assert {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in (base, lora)} == digests
+    assert existing.read_bytes() == b"mine"
+    code, _, err = run_cli(capsys, *writers["resize"](existing, "--force"))
+    assert code == 0 and existing.stat().st_size > 4
+
+
 # ---------------------------------------------------------------------------------------------
 # convert
 

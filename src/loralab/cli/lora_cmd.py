@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from loralab.errors import LoraFileError
+from loralab.cli.options import add_force_option, check_output_file
 
 # The commands import torch-heavy modules (diffusers, transformers) inside ``run_*`` so that
 # ``loralab --help`` and the other command groups start without paying for them.
@@ -46,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "loras", nargs="+", metavar="LORA[:W]", help="LoRA file, optionally with its strength (default 1)"
     )
     merge.add_argument("--out", type=Path, required=True, help="merged checkpoint to write (.safetensors)")
+    add_force_option(merge)
     merge.add_argument(
         "--save-precision", choices=SAVE_PRECISIONS, help="precision of the saved weights (default: the checkpoint's)"
     )
@@ -61,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="choose each module's rank from its singular values: sv_ratio=R, sv_fro=F or sv_cumulative=C",
     )
     resize.add_argument("--out", type=Path, required=True, help="resized LoRA file to write")
+    add_force_option(resize)
     resize.add_argument(
         "--save-precision", choices=SAVE_PRECISIONS, help="precision of the saved weights (default: the input's)"
     )
@@ -85,12 +87,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="skip the text encoder(s) when no weight changed by more than this (default 0.01, as sd-scripts)",
     )
     extract.add_argument("--out", type=Path, required=True, help="LoRA file to write")
+    add_force_option(extract)
     extract.add_argument("--save-precision", choices=SAVE_PRECISIONS, default="fp32", help="default fp32")
     extract.set_defaults(func=run_extract)
 
     convert = commands.add_parser("convert", help="convert a LoRA between kohya and PEFT (diffusers) format")
     convert.add_argument("source", type=Path, help="LoRA file in kohya or PEFT format")
     convert.add_argument("target", type=Path, help="file to write")
+    add_force_option(convert)
     convert.add_argument("--to", choices=("kohya", "peft"), required=True, help="format to write")
     convert.add_argument(
         "--checkpoint", type=Path, help="a checkpoint of the LoRA's family, to name layers of non-standard models"
@@ -207,10 +211,9 @@ def run_merge(args: argparse.Namespace) -> int:
     from loralab.network.lora_file import read_lora_file
     from loralab.network.merge import LoraUse, merge_loras, save_merged_checkpoint
 
-    uses = []
-    for text in args.loras:
-        path, weight = parse_lora_weight(text)
-        uses.append(LoraUse(read_lora_file(path), multiplier=weight))
+    weighted = [parse_lora_weight(text) for text in args.loras]
+    check_output_file(args.out, [args.checkpoint, *(path for path, _ in weighted)], force=args.force)
+    uses = [LoraUse(read_lora_file(path), multiplier=weight) for path, weight in weighted]
     if args.save_precision:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.save_precision]
     else:
@@ -234,6 +237,7 @@ def run_resize(args: argparse.Namespace) -> int:
 
     method, param = parse_dynamic(args.dynamic) if args.dynamic else (None, None)
     rule = RankRule(rank=args.rank, conv_rank=args.conv_rank, method=method, param=param)
+    check_output_file(args.out, [args.lora], force=args.force)
     result = resize_lora_file(args.lora, args.out, rule, save_dtype=args.save_precision)
     print(f"wrote {args.out}: {result.summary()}")
     return 0
@@ -244,6 +248,7 @@ def run_extract(args: argparse.Namespace) -> int:
 
     from loralab.network.extract import extract_lora_file
 
+    check_output_file(args.out, [args.base, args.tuned], force=args.force)
     with tqdm(unit="module", desc="SVD", disable=not sys.stderr.isatty(), file=sys.stderr) as bar:
         result = extract_lora_file(
             args.base,
@@ -263,8 +268,8 @@ def run_extract(args: argparse.Namespace) -> int:
 def run_convert(args: argparse.Namespace) -> int:
     from loralab.network.convert import convert_lora_file
 
-    if args.source.resolve() == args.target.resolve():
-        raise LoraFileError(f"convert would overwrite its input {args.source}; give a different output file")
+    inputs = [args.source] + ([args.checkpoint] if args.checkpoint else [])
+    check_output_file(args.target, inputs, force=args.force)
     lora = convert_lora_file(args.source, args.target, args.to, checkpoint=args.checkpoint)
     print(f"wrote {args.target}: {len(lora.modules())} modules, {lora.source_format} -> {args.to}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -65,3 +66,28 @@ def output_folder(path: Path, option: str) -> Path:
     except OSError as exc:
         raise ConfigError(f"{option} {path}: cannot create that folder ({exc.strerror}); choose another {option}") from None
     return path
+
+
+def add_force_option(parser: argparse.ArgumentParser) -> None:
+    """``--force``: let a command replace an existing output file (never one of its inputs)."""
+    parser.add_argument("--force", action="store_true", help="replace the output file if it exists (never an input)")
+
+
+def check_output_file(path: Path, inputs: Iterable[Path], *, force: bool, suffix: str = ".safetensors") -> None:
+    """Refuse an output file that is one of the command's ``inputs`` (even with ``force``), has
+    another suffix, is a folder, lies under a file, or exists (without ``force``): ``ConfigError``."""
+    from loralab.errors import ConfigError
+
+    if path.exists() and any(path.resolve() == Path(source).resolve() for source in inputs):
+        raise ConfigError(f"output {path} is one of the inputs; give a different output file")
+    if path.is_dir():
+        raise ConfigError(f"output {path} is a folder; give a {suffix} file name")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"cannot write {path}: {ancestor} is a file; choose another output path")
+    if path.suffix.lower() != suffix:
+        raise ConfigError(f"output {path} must be a {suffix} file")
+    if path.exists() and not force:
+        raise ConfigError(f"output {path} exists; pass --force to replace it")
