@@ -160,6 +160,10 @@ def test_make_tiny_and_inspect_from_the_command_line(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "family: SD2.x" in printed and "prediction type: v_prediction" in printed
     assert "cross_attention_dim=32" in printed
+    # An existing file (here the one just written) is kept unless --force.
+    before = out.read_bytes()
+    assert main(["debug", "make-tiny", "--family", "sd15", "--format", "single-file", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == before
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from loralab.cli.options import add_force_option
+
 TINY_FAMILIES = ("sd15", "sd2v", "sdxl")
 FORMATS = ("single-file", "diffusers")
 
@@ -28,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tiny.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
     tiny.add_argument("--out", required=True, type=Path, help="output .safetensors file or folder")
     tiny.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+    add_force_option(tiny)
     tiny.set_defaults(func=run_make_tiny)
 
     inspect = commands.add_parser(
@@ -42,8 +45,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_make_tiny(args: argparse.Namespace) -> int:
+    from loralab.cli.options import check_output_file
+    from loralab.errors import ConfigError
     from loralab.models.tiny import make_tiny
 
+    if args.fmt == "single-file":
+        check_output_file(args.out, [], force=args.force)
+    elif args.out.exists():
+        raise ConfigError(f"output {args.out} exists; give a new folder for the diffusers layout")
     path = make_tiny(args.family, args.fmt, args.out, seed=args.seed)
     print(f"wrote tiny {args.family} ({args.fmt}) to {path}")
     return 0
