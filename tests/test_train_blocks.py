@@ -34,7 +34,13 @@ from loralab.train.noise import (
     sample_generator,
     sample_timesteps,
 )
-from loralab.train.optimizer_setup import build_optimizer, build_param_groups, d_times_lr, group_lrs
+from loralab.train.optimizer_setup import (
+    build_optimizer,
+    build_param_groups,
+    check_optimizer_settings,
+    d_times_lr,
+    group_lrs,
+)
 from loralab.train.precision import (
     apply_cpu_threads,
     autocast,
@@ -596,6 +602,11 @@ def test_optimizer_errors_are_config_errors():
         build_optimizer("AdamW", {"betas": 0.9}, groups, learning_rate=1e-4)
     with pytest.raises(ConfigError, match="Invalid weight_decay value"):
         build_optimizer("AdamW", {"weight_decay": -1.0}, groups, learning_rate=1e-4)
+    # The same checks before a run (loralab plan), leaving GPU-only and absent packages to the run.
+    with pytest.raises(ConfigError, match="AdamW refused its settings"):
+        check_optimizer_settings("AdamW", {"betas": 0.9}, 1e-4)
+    check_optimizer_settings("AdamW8bit", {}, 1e-4)
+    check_optimizer_settings("not_an_installed_package.Optimizer", {}, 1e-4)
     fixed_lr = {"relative_step": False, "scale_parameter": False, "warmup_init": False}
     adafactor = build_optimizer("Adafactor", fixed_lr, groups, learning_rate=1e-4)
     assert adafactor.param_groups[0]["lr"] == 1e-4

@@ -35,7 +35,12 @@ from typing import Any
 import torch
 
 from loralab.errors import ConfigError
-from loralab.train.optimizers import optimizer_kwargs, resolve_optimizer, validate_optimizer_args
+from loralab.train.optimizers import (
+    OptimizerPackageMissing,
+    optimizer_kwargs,
+    resolve_optimizer,
+    validate_optimizer_args,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -127,13 +132,17 @@ def check_optimizer_settings(optimizer_type: str, optimizer_args: Mapping[str, A
     """Build the optimizer over one throwaway parameter, so that values it refuses (``betas=0.9``,
     a negative weight decay) fail in ``loralab plan`` as they would when the run starts.
 
-    bitsandbytes optimizers are left to the run: they need a CUDA GPU and their package.
+    bitsandbytes optimizers are left to the run (they need a CUDA GPU), and so are optimizers whose
+    package is not installed here (the config's own check has warned about those).
     """
     if _is_bitsandbytes(resolve_optimizer(optimizer_type).module):
         return
     groups = [{"params": [torch.zeros(1, requires_grad=True)], "lr": learning_rate}]
-    with contextlib.redirect_stdout(io.StringIO()):  # D-Adaptation prints its settings when built
-        build_optimizer(optimizer_type, optimizer_args, groups, learning_rate=learning_rate)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # D-Adaptation prints its settings when built
+            build_optimizer(optimizer_type, optimizer_args, groups, learning_rate=learning_rate)
+    except OptimizerPackageMissing:
+        return
 
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
