@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from loralab.cli.lora_cmd import parse_lora_weight
 from loralab.cli.main import main
+from loralab.errors import LoraFileError
 from loralab.models.loading import load_checkpoint
 from loralab.models.tiny import build_tiny_components, make_tiny
 from loralab.network.extract import extract_lora, factor_delta
@@ -212,6 +213,13 @@ def test_parse_lora_weight() -> None:
     assert parse_lora_weight("style.safetensors:0.7") == (Path("style.safetensors"), 0.7)
     assert parse_lora_weight("style.safetensors") == (Path("style.safetensors"), 1.0)
     assert parse_lora_weight(r"C:\loras\style.safetensors") == (Path(r"C:\loras\style.safetensors"), 1.0)
+    # A weight that is not a finite number would write a NaN checkpoint (and render NaN images).
+    from loralab.sample.lora_library import parse_lora_option
+
+    for parse in (parse_lora_weight, parse_lora_option):
+        for weight in ("inf", "nan", "-inf"):
+            with pytest.raises(LoraFileError, match=f"'{weight}' .* must be a finite number"):
+                parse(f"style.safetensors:{weight}")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

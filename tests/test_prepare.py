@@ -731,6 +731,10 @@ def test_crop_none_keeps_the_whole_photo_within_the_training_area(small_source, 
             ("--token", TOKEN, "--class", CLASS, "--resolution", "500"),
             "--resolution 500 must be a multiple of 8",
         ),
+        (  # caption files named like the prepared images would replace them
+            ("--token", TOKEN, "--class", CLASS, "--caption-extension", ".png"),
+            "--caption-extension .png is an image extension",
+        ),
     ],
 )
 def test_bad_options_are_one_line_errors(small_source, tmp_path, capsys, args, message):

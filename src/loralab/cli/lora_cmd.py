@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from loralab.cli.options import add_force_option, check_output_file
+from loralab.errors import LoraFileError
 
 # The commands import torch-heavy modules (diffusers, transformers) inside ``run_*`` so that
 # ``loralab --help`` and the other command groups start without paying for them.
@@ -198,9 +200,12 @@ def parse_lora_weight(text: str) -> tuple[Path, float]:
     head, sep, tail = text.rpartition(":")
     if sep and head and not Path(text).exists():
         try:
-            return Path(head), float(tail)
+            weight = float(tail)
         except ValueError:
-            pass
+            return Path(text), 1.0
+        if not math.isfinite(weight):
+            raise LoraFileError(f"LoRA weight {tail!r} in {text!r} must be a finite number, e.g. 0.8")
+        return Path(head), weight
     return Path(text), 1.0
 
 

@@ -11,6 +11,7 @@ error that suggests close names. Files are read once (``read_lora_file``) and ke
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +43,12 @@ def parse_lora_option(text: str) -> tuple[str, float]:
     head, sep, tail = text.rpartition(":")
     if sep and head:
         try:
-            return head, float(tail)
+            weight = float(tail)
         except ValueError:
-            pass
+            return text, 1.0
+        if not math.isfinite(weight):
+            raise LoraFileError(f"LoRA weight {tail!r} in {text!r} must be a finite number, e.g. 0.8")
+        return head, weight
     return text, 1.0
 
 

@@ -34,6 +34,7 @@ from typing import Any, Literal
 from tqdm import tqdm
 
 from loralab.data.buckets import BucketManager
+from loralab.data.discovery import IMAGE_EXTENSIONS
 from loralab.data.prepare.captions import CaptionMode, CaptionSettings, caption_kept_image, sidecar_rows
 from loralab.data.prepare.dedupe import NEAR_DUPLICATE_MAX_DISTANCE, HashedImage, find_near_duplicates
 from loralab.data.prepare.faces import limit_detector_threads
@@ -212,6 +213,8 @@ def _checked_options(options: PrepareOptions) -> PrepareOptions:
             f"--caption-extension {options.caption_extension!r} is not a file extension; "
             f"use e.g. .caption or .txt"
         )
+    if extension.lower() in IMAGE_EXTENSIONS:  # caption files would replace the prepared images
+        raise PrepareError(f"--caption-extension {extension} is an image extension; use e.g. .caption or .txt")
     return replace(options, caption_extension=extension)
 
 
