@@ -190,6 +190,13 @@ def test_a_sweep_folder_that_cannot_be_made_is_one_clear_error(workspace):
     with pytest.raises(SweepError, match="cannot create the sweep folder .*choose another --out") as error:
         run_sweep(SweepOptions(path, folder / "a_file" / "out"), printer=quiet([]))
     assert "\n" not in str(error.value) and (folder / "a_file").read_text() == "x"
+    # A folder of other files is not a sweep folder: its results.json would be replaced.
+    (folder / "mine").mkdir()
+    (folder / "mine" / "results.json").write_text('{"mine": 1}')
+    for dry_run in (True, False):
+        with pytest.raises(SweepError, match="is not a loralab sweep folder"):
+            run_sweep(SweepOptions(path, folder / "mine", dry_run=dry_run), printer=quiet([]))
+    assert [p.name for p in (folder / "mine").iterdir()] == ["results.json"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from loralab.sweep.evaluate import (
     write_index,
 )
 from loralab.sweep.execution import RunOutcome, RunTask
-from loralab.sweep.expand import Expansion, expand_sweep, write_expanded
+from loralab.sweep.expand import EXPANDED_FILE, Expansion, expand_sweep, write_expanded
 from loralab.sweep.layout import SWEEP_FILE, RunStatus, eval_dir, read_status, run_dir, save_points, write_status
 from loralab.sweep.overview import RunPlan, estimate_line, format_overview, plan_runs, recorded_step_time
 from loralab.sweep.results import write_results
@@ -126,6 +126,7 @@ def run_sweep(options: SweepOptions, printer: Printer = print) -> SweepSummary:
     settings = resolve_evaluation(
         spec, baseline.pretrained_model_name_or_path, cpu_threads=baseline.num_cpu_threads_per_process
     )
+    _refuse_foreign_folder(sweep_dir)
     _refuse_changed_runs(expansion, sweep_dir)
     plans = _training_order(plan_runs(expansion, sweep_dir))
     step_time = recorded_step_time(sweep_dir, plans)
@@ -162,6 +163,13 @@ def run_sweep(options: SweepOptions, printer: Printer = print) -> SweepSummary:
 
 # ---------------------------------------------------------------------------------------------
 # Steps
+
+
+def _refuse_foreign_folder(sweep_dir: Path) -> None:
+    """A sweep writes its files (sweep.toml, results.json ...) into its folder: refuse a folder that
+    holds other files and is not a sweep folder, whose files those would replace."""
+    if sweep_dir.is_dir() and any(sweep_dir.iterdir()) and not (sweep_dir / EXPANDED_FILE).is_file():
+        raise SweepError(f"{sweep_dir} holds files and is not a loralab sweep folder; give --out a new or empty folder")
 
 
 def _refuse_changed_runs(expansion: Expansion, sweep_dir: Path) -> None:
