@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loralab.cli.options import add_override_option
+from loralab.cli.options import add_force_option, add_override_option, check_output_file
 from loralab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("source", type=Path, metavar="IN", help="config to read (.json or .toml)")
     convert.add_argument("target", type=Path, metavar="OUT.toml", help="native TOML file to write")
     add_override_option(convert)
-    convert.add_argument("--force", action="store_true", help="overwrite OUT.toml if it exists")
+    add_force_option(convert)
 
     show = actions.add_parser(
         "show",
@@ -66,19 +66,8 @@ def _convert(args: argparse.Namespace) -> int:
     from loralab.config.loading import read_config, save_config
 
     target: Path = args.target
-    if target.suffix.lower() != ".toml":
-        raise ConfigError(f"output {target} must be a .toml file")
-    if target.exists() and target.resolve() == args.source.resolve():
-        raise ConfigError(f"output {target} is the input file; choose another name")
-    if target.is_dir():
-        raise ConfigError(f"output {target} is a folder; give a .toml file name")
-    ancestor = target.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():  # checked before the source is read and its notes are printed
-        raise ConfigError(f"cannot write {target}: {ancestor} is a file; choose another output path")
-    if target.exists() and not args.force:
-        raise ConfigError(f"output {target} exists; pass --force to overwrite it")
+    # Checked before the source is read and its notes are printed.
+    check_output_file(target, [args.source], force=args.force, suffix=".toml")
     loaded = read_config(args.source, args.overrides)
     _report_ignored(loaded.ignored)
     try:
