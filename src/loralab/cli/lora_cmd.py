@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from loralab.cli.options import add_force_option, check_output_file
-from loralab.errors import LoraFileError
 
 # The commands import torch-heavy modules (diffusers, transformers) inside ``run_*`` so that
 # ``loralab --help`` and the other command groups start without paying for them.
@@ -197,16 +195,12 @@ def parse_lora_weight(text: str) -> tuple[Path, float]:
     Only a trailing ``:number`` is a strength, so paths with colons (``C:\\loras\\a.safetensors``)
     work unchanged.
     """
-    head, sep, tail = text.rpartition(":")
-    if sep and head and not Path(text).exists():
-        try:
-            weight = float(tail)
-        except ValueError:
-            return Path(text), 1.0
-        if not math.isfinite(weight):
-            raise LoraFileError(f"LoRA weight {tail!r} in {text!r} must be a finite number, e.g. 0.8")
-        return Path(head), weight
-    return Path(text), 1.0
+    from loralab.sample.lora_library import parse_lora_option
+
+    if Path(text).exists():
+        return Path(text), 1.0
+    name, weight = parse_lora_option(text)
+    return Path(name), weight
 
 
 def run_merge(args: argparse.Namespace) -> int:
