@@ -164,10 +164,6 @@ def _build_with_overrides(values: Mapping[str, Any], overrides: Sequence[str], w
 def _read_text(path: Path, encoding: str = "utf-8") -> str:
     try:
         return path.read_text(encoding=encoding)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found; check the path") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config path {path} is a folder; give the config file") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
