@@ -94,9 +94,10 @@ def test_attention_weights_follow_a1111(prompt: str, expected: list[tuple[str, f
     assert parse_prompt_attention(prompt) == expected
 
 
-def test_malformed_weight_is_one_clear_error() -> None:
-    with pytest.raises(PromptSyntaxError, match="not a number"):
-        parse_prompt_attention("(word:1.2.3)")
+@pytest.mark.parametrize("prompt", ["(word:1.2.3)", "(word:" + "9" * 400 + ")"])
+def test_malformed_weight_is_one_clear_error(prompt: str) -> None:
+    with pytest.raises(PromptSyntaxError, match="not a finite number"):
+        parse_prompt_attention(prompt)
 
 
 @pytest.mark.parametrize(
@@ -115,7 +116,13 @@ def test_lora_tags_are_taken_out_before_weights(prompt: str, text: str, tags: li
 
 @pytest.mark.parametrize(
     ("prompt", "message"),
-    [("<lora:x:strong>", "not a number"), ("<hypernet:x:1>", "only <lora"), ("<lora:x:1:1:16>", "only a name")],
+    [
+        ("<lora:x:strong>", "not a finite number"),
+        ("<lora:x:nan>", "'nan' in <lora:x:nan> is not a finite number"),
+        ("<lora:x:1:unet=inf>", "unet strength 'inf'"),
+        ("<hypernet:x:1>", "only <lora"),
+        ("<lora:x:1:1:16>", "only a name"),
+    ],
 )
 def test_bad_tags_are_one_clear_error(prompt: str, message: str) -> None:
     with pytest.raises(PromptSyntaxError, match=message):

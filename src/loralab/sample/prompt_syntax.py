@@ -31,6 +31,7 @@ weights such as ``(((house:1.3))`` come out bit-for-bit as A1111's 1.57300000000
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -82,9 +83,12 @@ def _number(value: float) -> str:
 
 def _float(text: str, what: str, tag: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise PromptSyntaxError(f"{what} {text!r} in {tag} is not a number; write e.g. <lora:name:0.8>") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise PromptSyntaxError(f"{what} {text!r} in {tag} is not a finite number; write e.g. <lora:name:0.8>")
+    return value
 
 
 def _lora_tag(items: list[str], tag: str) -> LoraTag:
@@ -178,7 +182,9 @@ def parse_prompt_attention(text: str) -> list[WeightedText]:
             try:
                 multiplier = float(match.group("weight"))
             except ValueError:
-                raise PromptSyntaxError(f"attention weight {match.group(0)!r} is not a number; write e.g. (word:1.2)") from None
+                multiplier = math.nan
+            if not math.isfinite(multiplier):
+                raise PromptSyntaxError(f"attention weight {match.group(0)!r} is not a finite number; write e.g. (word:1.2)")
             scale_from(open_round.pop(), multiplier)
         elif kind == "close_round" and open_round:
             scale_from(open_round.pop(), ROUND_MULTIPLIER)
