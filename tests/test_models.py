@@ -360,9 +360,9 @@ def _bad_inputs(tmp_path, sd15_file):
     return {
         "missing": (tmp_path / "nope.safetensors", {}, "not found"),
         "truncated": (tmp_path / "truncated.safetensors", {}, "truncated or corrupt"),
-        "lora": (tmp_path / "my_lora.safetensors", {}, "is a LoRA file.*--lora"),
+        "lora": (tmp_path / "my_lora.safetensors", {}, "is a LoRA file, not a model checkpoint; give a full checkpoint here and apply the LoRA"),
         "unknown keys": (tmp_path / "unknown.safetensors", {}, "not a Stable Diffusion checkpoint"),
-        "vae as checkpoint": (tmp_path / "a_vae.safetensors", {}, "is a VAE.*--vae"),
+        "vae as checkpoint": (tmp_path / "a_vae.safetensors", {}, "is a VAE.*--vae, or vae in a training config"),
         "malicious pickle": (tmp_path / "evil.ckpt", {}, r"refusing to load.*\(io\.open\).*safetensors"),
         "damaged pickle": (tmp_path / "damaged.ckpt", {}, "not a readable checkpoint.*truncated or corrupt"),
         "v-pred on SD1": (sd15_file, {"v_parameterization": True}, "SD1.x checkpoint.*epsilon"),

@@ -9,9 +9,12 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from loralab.cli.main import main
 from loralab.config.loading import load_config
+from loralab.models.tiny import make_tiny
 from loralab.sweep.evaluate import remove_trigger, resolve_evaluation
 from loralab.sweep.expand import config_hash, expand_sweep, override_strings, read_expanded, write_expanded
 from loralab.sweep.spec import SweepError, parse_sweep, read_sweep
@@ -176,7 +179,7 @@ def test_evaluation_include_random_prompts_and_trigger_removal(tmp_path):
     spec = read_sweep(write_sweep(tmp_path, '[evaluation]\ninclude = "shared.toml"\nseeds = [3]\n'))
     with pytest.raises(SweepError, match="evaluation.checkpoints.ds: .*ds.safetensors not found"):
         resolve_evaluation(spec, "base.safetensors")  # found before any run trains
-    (tmp_path / "ds.safetensors").write_bytes(b"")
+    make_tiny("sd15", "single-file", tmp_path / "ds.safetensors")
     settings = resolve_evaluation(spec, "base.safetensors")
     assert settings.seeds == (3,)  # the sweep file's own key wins
     assert [(c.label, c.path, c.cfg) for c in settings.checkpoints] == [
@@ -188,6 +191,27 @@ def test_evaluation_include_random_prompts_and_trigger_removal(tmp_path):
     assert resolve_evaluation(spec, None).prompt_sets == settings.prompt_sets  # drawn the same every time
     assert settings.trigger_modes == (True, False)
     assert settings.images_per_save_point() == 2 * 6 * 1 * 1 * 2
+
+
+def test_evaluation_checkpoints_that_cannot_render_the_loras_are_refused_before_training(tmp_path):
+    base = make_tiny("sd15", "single-file", tmp_path / "base.safetensors")
+    make_tiny("sdxl", "single-file", tmp_path / "xl.safetensors")
+    save_file({"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(4, 8)}, tmp_path / "a_lora.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00")
+    cases = {
+        "xl.safetensors": "is an SDXL checkpoint, but the runs train SD1.x LoRAs, which only load on SD1.x checkpoints",
+        "a_lora.safetensors": "is a LoRA file, not a model checkpoint",
+        "cut.safetensors": "cut.safetensors",
+    }
+    for name, message in cases.items():
+        spec = read_sweep(write_sweep(tmp_path, f'[evaluation]\ncheckpoints = {{ other = "{name}" }}\nprompts = {{ p = ["x"] }}\n'))
+        with pytest.raises(SweepError, match="evaluation.checkpoints.other: ") as caught:
+            resolve_evaluation(spec, str(base))
+        assert message in str(caught.value) and "\n" not in str(caught.value)
+    # The same family is fine, and without a readable base checkpoint only the file itself is checked.
+    spec = read_sweep(write_sweep(tmp_path, '[evaluation]\ncheckpoints = { other = "xl.safetensors" }\nprompts = { p = ["x"] }\n'))
+    assert resolve_evaluation(spec, str(tmp_path / "xl.safetensors")).checkpoints[0].label == "other"
+    assert resolve_evaluation(spec, "<path to your base checkpoint>").checkpoints[0].label == "other"
 
 
 def test_an_unknown_evaluation_sampler_is_refused_before_training(tmp_path):

@@ -228,6 +228,32 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(workspace, tmp_path):
     assert main(["sweep", str(path), "--out", str(folder / "out")]) == 1  # failed runs are tried again, and fail
 
 
+def test_failed_evaluations_and_unplannable_dry_runs_exit_1(workspace, monkeypatch, capsys):
+    from loralab.cli.main import main
+    from loralab.sample.generator import GenerationEngine, GenerationError
+
+    folder = in_folder(workspace, "eval_failures")
+    evaluation = EVALUATION.format(eval_a=workspace.eval_a, eval_b=workspace.eval_b, extra="soft light")
+    path = sweep_file(folder, "", evaluation)
+
+    def out_of_memory(self, requests, *, batch_size=1):
+        raise GenerationError("out of memory while rendering; lower the evaluation batch size")
+        yield
+
+    monkeypatch.setattr(GenerationEngine, "iter_generate", out_of_memory)
+    assert main(["sweep", str(path), "--out", str(folder / "out")]) == 1  # trained, but nothing rendered
+    out = capsys.readouterr().out
+    assert "evaluation of" in out and "out of memory" in out and "evaluations failed" in out
+    assert read_status(run_dir(folder / "out", "baseline")).state == "complete"
+
+    # A dry run that finds runs the planner cannot plan says so in its exit status too.
+    (folder / "empty").mkdir()
+    broken = sweep_file(folder, f'[axes.data]\nno_images = {{ train_data_dir = "{folder / "empty"}" }}\n')
+    assert main(["sweep", str(broken), "--out", str(folder / "dry"), "--dry-run"]) == 1
+    assert "they will fail until fixed" in capsys.readouterr().out
+    assert main(["sweep", str(sweep_file(folder, "")), "--out", str(folder / "dry"), "--dry-run"]) == 0
+
+
 def test_a_run_folder_trained_with_other_settings_is_refused(workspace):
     folder = in_folder(workspace, "changed")
     path = sweep_file(folder, "")

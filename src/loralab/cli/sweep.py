@@ -10,7 +10,8 @@ import argparse
 from pathlib import Path
 
 # Exit status of a sweep stopped by Ctrl-C (as the shell reports SIGINT), and of one where some
-# runs failed (the others completed; the report says why each failed).
+# runs or evaluations failed (the others completed; the report says why each failed) or, in a dry
+# run, some runs cannot be planned.
 INTERRUPTED = 130
 RUNS_FAILED = 1
 
@@ -37,7 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="runs at once (ray backend; one GPU each where the cluster has GPUs)",
     )  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="print the plan and check every variant; train nothing")
-    parser.epilog = "exit status: 0 all runs complete, 1 some runs failed (see results.json), 130 interrupted"
+    parser.epilog = (
+        "exit status: 0 all runs complete and evaluated, 1 some runs or evaluations failed (see results.json; "
+        "with --dry-run: some runs cannot be planned), 130 interrupted"
+    )
     parser.set_defaults(func=run)
 
 
@@ -59,4 +63,4 @@ def run(args: argparse.Namespace) -> int:
     summary = run_sweep(options, printer=lambda line: print(line, flush=True))
     if summary.interrupted:
         return INTERRUPTED
-    return RUNS_FAILED if summary.count("failed") else 0
+    return 0 if summary.all_succeeded else RUNS_FAILED

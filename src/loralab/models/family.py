@@ -137,12 +137,15 @@ def describe_non_checkpoint(keys: list[str]) -> str | None:
     Returns the end of a one-line message (what the file is and what to do), or None.
     """
     if is_lora_keys(keys):
-        return "is a LoRA file, not a model checkpoint; pass it with --lora"
+        return "is a LoRA file, not a model checkpoint; give a full checkpoint here and apply the LoRA on top of it"
     if any(k in ("string_to_param", "emb_params", "clip_l", "clip_g") for k in keys):
         return "is a textual-inversion embedding, not a model checkpoint"
     has_unet = _has_prefix(keys, LDM_UNET_PREFIX)
     if not has_unet and any(k.startswith(("encoder.down.", "first_stage_model.encoder.")) for k in keys):
-        return "is a VAE, not a full checkpoint; pass it with --vae next to a checkpoint"
+        return (
+            "is a VAE, not a full checkpoint; give a full checkpoint here and the VAE as its own setting "
+            "(--vae, or vae in a training config)"
+        )
     if not has_unet and any(k.startswith(("down_blocks.", "encoder.down_blocks.")) for k in keys):
         return "holds one diffusers model's weights; pass the whole diffusers folder (with model_index.json)"
     if not has_unet:

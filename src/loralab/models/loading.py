@@ -357,7 +357,7 @@ def load_vae(
         vae_keys = [k for k in keys if k.startswith(prefix) and k[len(prefix) :].startswith(parts)]
         if not any(k[len(prefix) :].startswith("encoder.down.") for k in vae_keys):
             if is_lora_keys(keys):
-                raise CheckpointError(f"{path} is a LoRA file, not a VAE; pass it with --lora")
+                raise CheckpointError(f"{path} is a LoRA file, not a VAE; give a VAE here and apply the LoRA on top of the checkpoint")
             if any(k.startswith("encoder.down_blocks.") for k in keys):
                 raise CheckpointError(f"{path} holds diffusers VAE weights; pass the folder with its config.json")
             raise CheckpointError(f"{path} is not a VAE: no VAE encoder weights (encoder.down.*) found")
@@ -396,14 +396,24 @@ def inspect_checkpoint(path: Path | str, *, v_parameterization: bool | None = No
 
     Raises ``CheckpointError`` as ``load_checkpoint`` does.
     """
-    path = Path(path)
-    if path.is_dir():
-        info = _diffusers_info(path, v_parameterization)
-    else:
-        with CheckpointFile(path) as checkpoint:
-            info = _single_file_info(checkpoint, v_parameterization)
+    info = _checkpoint_info(Path(path), v_parameterization)
     info.parameter_counts = _parameter_counts(info)
     return info
+
+
+def checkpoint_family(path: Path | str) -> ModelFamily:
+    """The family of a checkpoint file or diffusers folder, from its tensor names and shapes only.
+
+    Raises ``CheckpointError`` as ``load_checkpoint`` does (a LoRA, VAE or damaged file, say).
+    """
+    return _checkpoint_info(Path(path), None).family
+
+
+def _checkpoint_info(path: Path, v_parameterization: bool | None) -> CheckpointInfo:
+    if path.is_dir():
+        return _diffusers_info(path, v_parameterization)
+    with CheckpointFile(path) as checkpoint:
+        return _single_file_info(checkpoint, v_parameterization)
 
 
 def load_checkpoint(

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from loralab.errors import CheckpointError
+from loralab.models.family import ModelFamily
 from loralab.sample.samplers import SamplerError, resolve_sampler
 from loralab.sweep.layout import (
     BASELINE_MODELS,
@@ -90,6 +92,37 @@ class EvalSettings:
         return len(self.checkpoints) * prompts * len(self.seeds) * len(self.lora_weights) * len(self.trigger_modes)
 
 
+def _family_or_none(checkpoint: str | None) -> ModelFamily | None:
+    """The family of the checkpoint the runs train on; None when it cannot be told yet (the run
+    itself reports a missing or broken base checkpoint)."""
+    from loralab.models.loading import checkpoint_family
+
+    if checkpoint is None or is_placeholder(checkpoint) or not Path(checkpoint).exists():
+        return None
+    try:
+        return checkpoint_family(checkpoint)
+    except CheckpointError:
+        return None
+
+
+def _check_eval_checkpoint(where: str, path: Path, trained_on: ModelFamily | None) -> None:
+    """An evaluation checkpoint must exist, be a full checkpoint, and be of the family the LoRAs
+    are trained for (an SD1.x LoRA does not fit an SDXL UNet)."""
+    from loralab.models.loading import checkpoint_family
+
+    if not path.exists():
+        raise SweepError(f"{where}: {path} not found")
+    try:
+        family = checkpoint_family(path)
+    except CheckpointError as exc:
+        raise SweepError(f"{where}: {exc}") from None
+    if trained_on is not None and family is not trained_on:
+        raise SweepError(
+            f"{where}: {path} is an {family.label} checkpoint, but the runs train {trained_on.label} LoRAs, "
+            f"which only load on {trained_on.label} checkpoints; choose an {trained_on.label} checkpoint"
+        )
+
+
 def resolve_evaluation(
     spec: SweepSpec, base_checkpoint: str | None, *, cpu_threads: int | None = None
 ) -> EvalSettings | None:
@@ -97,7 +130,8 @@ def resolve_evaluation(
 
     Without checkpoints the runs are rendered on ``base_checkpoint`` (label ``base``).
     ``cpu_threads``: torch threads for rendering on a CPU (the baseline's ``num_cpu_threads_per_process``).
-    Raises SweepError for a missing wildcard file or a template that cannot be expanded.
+    Raises SweepError for a missing wildcard file, a template that cannot be expanded, an unknown
+    sampler, or an evaluation checkpoint that is missing, not a full checkpoint, or of another family.
     """
     evaluation = spec.evaluation
     if evaluation is None:
@@ -107,10 +141,11 @@ def resolve_evaluation(
         for label, item in evaluation.checkpoints.items()
     ) or (EvalCheckpointSettings("base", str(base_checkpoint), evaluation.cfg),)
     # Found out now rather than after hours of training, when the first save point is rendered.
+    trained_on = _family_or_none(base_checkpoint)
     for label, item in evaluation.checkpoints.items():
         path = _sweep_path(spec, item.path)
-        if not is_placeholder(path) and not Path(path).exists():
-            raise SweepError(f"{spec.source}: evaluation.checkpoints.{label}: {path} not found")
+        if not is_placeholder(path):
+            _check_eval_checkpoint(f"{spec.source}: evaluation.checkpoints.{label}", Path(path), trained_on)
     try:
         resolve_sampler(evaluation.sampler)
     except SamplerError as exc:

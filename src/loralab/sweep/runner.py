@@ -81,9 +81,15 @@ class SweepSummary:
     eval_failures: dict[str, str] = field(default_factory=dict)
     interrupted: bool = False
     report: Path | None = None  # the report's index page, once written
+    unplanned: int = 0  # dry run: runs to train that cannot be planned (they would fail)
 
     def count(self, action: str) -> int:
         return sum(1 for outcome in self.outcomes if outcome.action == action)
+
+    @property
+    def all_succeeded(self) -> bool:
+        """No run and no evaluation failed, and (dry run) every run to train can be planned."""
+        return not (self.count("failed") or self.eval_failures or self.unplanned)
 
     @property
     def trained(self) -> int:
@@ -133,6 +139,8 @@ def run_sweep(options: SweepOptions, printer: Printer = print) -> SweepSummary:
     printer(format_overview(spec.title, spec.mode, sweep_dir, plans, settings, step_time))
     summary = SweepSummary(sweep_dir)
     if options.dry_run:
+        # Runs still holding <path to ...> placeholders are listed to fill in, not counted as failing.
+        summary.unplanned = sum(1 for p in plans if p.to_train and p.problem is not None and not p.placeholders)
         return summary
 
     try:
@@ -328,6 +336,8 @@ def _summary_line(summary: SweepSummary) -> str:
         f"{summary.count('failed')} failed",
         f"{summary.rendered} images rendered ({summary.existing_images} existed)",
     ]
+    if summary.eval_failures:
+        parts.append(f"{len(summary.eval_failures)} evaluations failed")
     return f"sweep done: {', '.join(parts)}; results in {summary.sweep_dir / 'results.json'}"
 
 
