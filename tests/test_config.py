@@ -372,6 +372,7 @@ def test_overrides_use_the_file_names_and_checks() -> None:
         ("optimizer_args.growth_rat=1.1", "did you mean 'growth_rate'"),
         ("optimizer_args=betas0.9", "'betas0.9'"),
         ("resolution=700", "not divisible"),
+        ("resolution=0", r"with --set resolution: resolution 0x0 must be positive"),
         ("no_equals_sign", "not key=value"),
     ],
 )

@@ -306,10 +306,20 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path: Path) 
 
 @pytest.mark.parametrize(
     ("problem", "expected"),
-    [("no-checkpoint", "no checkpoint"), ("color-aug", "color_aug"), ("bad-caption", "UTF-8")],
+    [
+        ("no-checkpoint", "no checkpoint"),
+        ("color-aug", "color_aug"),
+        ("bad-caption", "UTF-8"),
+        ("resolution-0", "error: --resolution 0 must be positive"),
+        ("resolution-word", "error: --resolution: resolution 'big' is not"),
+        ("set-resolution-0", "error: --set resolution: resolution 0x0 must be positive"),
+    ],
 )
 def test_cache_cli_errors_are_one_line(capsys, dataset_dir: Path, tmp_path: Path, problem: str, expected: str) -> None:
-    argv = ["cache", str(dataset_dir), "--cache-dir", str(tmp_path / "cache"), "--resolution", "64"]
+    resolution = {"resolution-0": "0", "resolution-word": "big"}.get(problem, "64")
+    argv = ["cache", str(dataset_dir), "--cache-dir", str(tmp_path / "cache"), "--resolution", resolution]
+    if problem == "set-resolution-0":
+        argv = ["cache", str(dataset_dir), "--cache-dir", str(tmp_path / "cache"), "--set", "resolution=0"]
     if problem != "no-checkpoint":
         argv += ["--checkpoint", str(tmp_path / "unused.safetensors")]
     if problem == "color-aug":

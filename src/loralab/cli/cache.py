@@ -73,11 +73,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> Any:
     from loralab.config.loading import apply_overrides, load_config
-    from loralab.config.schema import TrainConfig
+    from loralab.config.schema import TrainConfig, parse_resolution
+    from loralab.errors import ConfigError
 
     overrides = list(args.overrides)
     if args.resolution:
-        overrides.append(f"resolution={args.resolution}")
+        try:
+            width, height = parse_resolution(args.resolution)
+        except ConfigError as exc:
+            raise ConfigError(f"--resolution: {exc}") from None
+        if width <= 0 or height <= 0:
+            raise ConfigError(f"--resolution {args.resolution} must be positive, e.g. 768 or 768,512")
+        overrides.append(f"resolution=[{width}, {height}]")
     if args.config is not None:
         return load_config(args.config, overrides)
     return apply_overrides(TrainConfig(), overrides)

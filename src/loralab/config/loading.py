@@ -110,7 +110,13 @@ def build_config(values: Mapping[str, Any], where: str, overridden: Iterable[str
         source = OVERRIDES_WHERE if location and str(location[0]) in overridden_keys else where
         raise validation_error(exc, source) from None
     except ConfigError as exc:  # raised by the schema's own checks, which do not know the source
-        source = f"{where} with --set {', '.join(sorted(overridden_keys))}" if overridden_keys else where
+        keys = ", ".join(sorted(overridden_keys))
+        if not keys:
+            source = where
+        elif where == OVERRIDES_WHERE:
+            source = f"{OVERRIDES_WHERE} {keys}"
+        else:
+            source = f"{where} with {OVERRIDES_WHERE} {keys}"
         raise ConfigError(f"{source}: {exc}") from None
 
 
