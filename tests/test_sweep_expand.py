@@ -214,6 +214,14 @@ def test_evaluation_checkpoints_that_cannot_render_the_loras_are_refused_before_
     assert resolve_evaluation(spec, "<path to your base checkpoint>").checkpoints[0].label == "other"
 
 
+def test_an_empty_wildcard_list_is_named_where_the_user_keeps_it(tmp_path):
+    (tmp_path / "scene.txt").write_text("# to fill in\n")
+    spec = read_sweep(write_sweep(tmp_path, "[evaluation]\nprompts = { random = { wildcard_file = 'scene.txt', count = 2 } }\n"))
+    with pytest.raises(SweepError, match="evaluation.prompts.random: wildcard file .*has no line to choose") as caught:
+        resolve_evaluation(spec, "base.safetensors")
+    assert str(tmp_path / "scene.txt") in str(caught.value)
+
+
 def test_an_unknown_evaluation_sampler_is_refused_before_training(tmp_path):
     spec = read_sweep(write_sweep(tmp_path, '[evaluation]\nsampler = "Eular a"\n[evaluation.prompts]\np = ["x"]\n'))
     with pytest.raises(SweepError, match="evaluation.sampler: unknown sampler 'Eular a'"):

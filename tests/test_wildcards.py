@@ -76,6 +76,14 @@ def test_missing_wildcard_names_the_file(folder: Path) -> None:
         Wildcards(folder / "absent")
 
 
+def test_an_empty_wildcard_file_and_an_unclosed_variant_say_what_is_wrong(folder: Path) -> None:
+    (folder / "blank.txt").write_text("# nothing yet\n\n")
+    with pytest.raises(WildcardError, match=r"blank.txt has no line to choose for __blank__ .*add one choice per line"):
+        Wildcards(folder).expand("a __blank__ dress", 1)
+    with pytest.raises(WildcardError, match=r"the '\{' at character 7 is never closed; write variants as \{a\|b\|c\}"):
+        Wildcards(folder).expand("photo {red|blue dress", 1)
+
+
 def test_random_mode_draws_every_setting_independently_and_reproducibly(folder: Path) -> None:
     template = RequestTemplate(
         checkpoints=("a.safetensors", "b.safetensors"),

@@ -83,7 +83,7 @@ class Wildcards:
             self._context.rand.seed(seed)
             expanded = str(next(iter(self._context.sample_prompts(self._parsed[template], 1))))
         except Exception as exc:  # the parser raises its own exception types for malformed syntax
-            raise WildcardError(f"cannot expand {template[:80]!r}: {exc}") from None
+            raise WildcardError(f"cannot expand {template[:80]!r}: {_unclosed_brace(template) or exc}") from None
         self._check_resolved(expanded)
         return expanded
 
@@ -91,7 +91,26 @@ class Wildcards:
         for name in _WILDCARD.findall(text):
             if self.folder is None:
                 raise WildcardError(f"__{name}__ needs a wildcards folder (--wildcards DIR) holding {name}.txt")
+            if (self.folder / f"{name}.txt").is_file():
+                raise WildcardError(
+                    f"wildcard file {self.folder / f'{name}.txt'} has no line to choose for __{name}__ "
+                    "(only empty lines and # comments); add one choice per line"
+                )
             available = ", ".join(self.names()[:12]) or "none"
             raise WildcardError(
                 f"wildcard __{name}__ has no file {name}.txt in {self.folder} (wildcards there: {available})"
             )
+
+
+def _unclosed_brace(template: str) -> str | None:
+    """Where a ``{`` is never closed: the usual cause of a template Dynamic Prompts cannot parse,
+    which its own message only names as an unexpected ``{``."""
+    opened: list[int] = []  # Dynamic Prompts has no escape for braces: every one counts
+    for index, char in enumerate(template):
+        if char == "{":
+            opened.append(index)
+        elif char == "}" and opened:
+            opened.pop()
+    if not opened:
+        return None
+    return f"the '{{' at character {opened[-1] + 1} is never closed; write variants as {{a|b|c}}"

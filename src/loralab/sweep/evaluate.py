@@ -176,7 +176,7 @@ def _prompts(spec: SweepSpec, evaluation: EvaluationSpec, name: str, value: list
         if not value:
             raise SweepError(f"{spec.source}: evaluation.prompts.{name} holds no prompts")
         return list(value)
-    from loralab.sample.wildcards import Wildcards
+    from loralab.sample.wildcards import WildcardError, Wildcards
 
     path = spec.resolve(value.wildcard_file)
     if path.suffix != ".txt" or not path.is_file():
@@ -188,8 +188,12 @@ def _prompts(spec: SweepSpec, evaluation: EvaluationSpec, name: str, value: list
         for text_file in path.parent.glob("*.txt"):
             shutil.copyfile(text_file, Path(folder) / text_file.name)
         wildcards = Wildcards(folder)
-        # Prompt i is drawn with seed i: the same file and count always give the same prompts.
-        return [wildcards.expand(template, seed=index) for index in range(value.count)]
+        try:
+            # Prompt i is drawn with seed i: the same file and count always give the same prompts.
+            return [wildcards.expand(template, seed=index) for index in range(value.count)]
+        except WildcardError as exc:  # named with the folder the user knows, not the copy
+            problem = str(exc).replace(folder, str(path.parent))
+            raise SweepError(f"{spec.source}: evaluation.prompts.{name}: {problem}") from None
 
 
 def write_evaluation(settings: EvalSettings, sweep_dir: Path) -> None:
