@@ -774,6 +774,7 @@ def test_a_folder_without_usable_images_shows_the_table_then_one_error(tmp_path,
     code, out, err = run_cli(capsys, "prepare", source, tmp_path / "out", "--token", TOKEN, "--class", CLASS)
     assert code == 2
     assert "dot.png" in out and "too small: 1x1 px" in out and "empty file (0 bytes)" in out
+    assert out.rstrip().endswith("; nothing written") and "wrote" not in out
     assert err.startswith("error: none of the 3 files") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 

@@ -128,5 +128,10 @@ class PrepareReport:
             f"{counts['skipped']} skipped, {counts['caption']} caption files"
             for set_name, counts in self.summary().items()
         ]
-        where = "dry run: nothing written" if self.dry_run else f"wrote {self.out_dir}"
+        if self.dry_run:
+            where = "dry run: nothing written"
+        elif self.count("kept") == 0:  # prepare refuses to publish a dataset without training images
+            where = "nothing written"
+        else:
+            where = f"wrote {self.out_dir}"
         return "; ".join(parts) + f"; {where}"

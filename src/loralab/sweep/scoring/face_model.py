@@ -122,4 +122,6 @@ def _open_session(model_path: Path):  # -> onnxruntime.InferenceSession
         return onnxruntime.InferenceSession(str(model_path), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for every kind of bad file
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ScoringError(f"cannot load face-identity model {model_path}: {first[:200]}") from None
+        raise ScoringError(
+            f"cannot load face-identity model {model_path}: {first[:200]}; give the path of an ArcFace .onnx file"
+        ) from None
