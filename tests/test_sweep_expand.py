@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -140,7 +141,17 @@ def test_override_strings_keep_types():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[axes]\nnetwork_dimm = [4]\n", "axis 'network_dimm' is not a setting"),
+        ("[axes]\nnetwork_dimm = [4]\n", "axis 'network_dimm' is not a setting; did you mean 'network_dim'?"),
+        ("[axes]\nnetwork_dim = 4\n", "axes.network_dim: give a list of values, e.g. network_dim = [4, 8], or a table"),
+        ("[evaluation]\nseedz = [1]\n", "evaluation.seedz: unknown key; did you mean 'seeds'? (and 1 more problem)"),
+        ("[evaluation]\nprompts = { p = { wildcard_file = 'x.txt', cnt = 3 } }\n",
+         "evaluation.prompts.p.cnt: unknown key; did you mean 'count'?"),
+        ("[evaluation]\nprompts = { p = ['x'] }\ncheckpoints = { a = { pathh = 'x' } }\n",
+         "evaluation.checkpoints.a.pathh: unknown key; did you mean 'path'?"),
+        ("[evaluation]\nprompts = { p = ['x'] }\ncheckpoints = { a = 3 }\n",
+         "checkpoint 'a' must be a path or { path = ..., cfg = ... } (got 3)"),
+        ("[scoring]\nface = 'x.onnx'\n", "scoring.face: unknown key; known keys there: clip_model, face_model"),
+        ("[evaluation]\nprompts = { p = ['x'] }\nsteps = 'many'\n", "evaluation.steps: Input should be a valid integer"),
         ("[axes]\nnetwork_dim = [0]\n", "variant network_dim-0: network_dim"),
         ("[axes]\nnetwork_dim = { a = 4, A = 8, 'a ' = 16 }\n", "two values labelled 'a'"),
         ("[axes.g]\nx = { network_dimm = 4 }\n", "'network_dimm' is not a setting; did you mean 'network_dim'?"),
@@ -156,6 +167,7 @@ def test_bad_sweep_files_fail_with_one_line(tmp_path, text, message):
     with pytest.raises(SweepError) as caught:
         expand_sweep(read_sweep(path))
     assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert not re.search(r"Extra inputs|list\[|dict\[|EvalCheckpoint|RandomPrompts", str(caught.value))
 
 
 def test_cli_reports_a_bad_sweep_file_as_one_line(tmp_path, capsys):

@@ -180,9 +180,12 @@ def parse_axes(spec: SweepSpec) -> tuple[Axis, ...]:
             labelled = values.items() if isinstance(values, dict) else ((format_label(v), v) for v in values)
             variants = [Variant(str(label), {setting: value}) for label, value in labelled]
         else:
+            from loralab.config.diagnostics import did_you_mean
+
+            hint = did_you_mean(name, [*TrainConfig.model_fields, *SETTING_NAMES_EXTRA])
             raise SweepError(
-                f"{spec.source}: axis {name!r} is not a setting; give labelled groups of settings, e.g. "
-                f"[axes.{name}] label = {{ setting = value }}"
+                f"{spec.source}: axis {name!r} is not a setting;{hint} an axis of values is named after a "
+                f"setting; any other name takes labelled groups, e.g. [axes.{name}] label = {{ setting = value }}"
             )
         labels = [safe_name(variant.label) for variant in variants]
         duplicates = sorted({label for label in labels if labels.count(label) > 1})

@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -167,6 +168,9 @@ class EvaluationSpec(_Strict):
     @classmethod
     def _path_or_table(cls, value: Any) -> Any:
         if isinstance(value, dict):
+            for label, item in value.items():
+                if not isinstance(item, str | dict):
+                    raise ValueError(f"checkpoint {label!r} must be a path or {{ path = ..., cfg = ... }} (got {item!r})")
             return {label: {"path": item} if isinstance(item, str) else item for label, item in value.items()}
         return value
 
@@ -294,10 +298,80 @@ def parse_sweep(text: str, source: Path) -> SweepSpec:
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in first["loc"]) or "sweep"
-        message = first["msg"].removeprefix("Value error, ")
-        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
-        raise SweepError(f"{source}: {where}: {message}{more}") from None
+        raise SweepError(f"{source}: {_validation_message(exc)}") from None
     spec._source = source
     return spec
+
+
+def _validation_message(exc: ValidationError) -> str:
+    """pydantic's errors as one line: the key, what is wrong, and what to write instead."""
+    from loralab.config.diagnostics import did_you_mean
+
+    errors = exc.errors(include_url=False)
+    # A misspelt key also leaves the key it should have been missing: the unknown key explains both.
+    first = next((error for error in errors if error["type"] == "extra_forbidden"), errors[0])
+    keys = _keys(first["loc"])
+    where = ".".join(keys) or "sweep"
+    value = first.get("input")
+    if first["type"] == "extra_forbidden":
+        known = _keys_at(first["loc"][:-1])
+        hint = did_you_mean(keys[-1], known) or f" known keys there: {', '.join(known)}"
+        message = f"{where}: unknown key;{hint}"
+    elif keys[:1] == ["axes"] and len(keys) == 2:
+        message = (
+            f"{where}: give a list of values, e.g. {keys[1]} = [4, 8], or a table of label = value (got {value!r})"
+        )
+    elif first["type"] == "model_type":
+        message = f"{where}: must be a table with the keys {', '.join(_keys_at(first['loc']))} (got {value!r})"
+    else:
+        got = "" if first["type"] in ("missing", "value_error") else f" (got {value!r})"  # ours name the value
+        message = f"{where}: {first['msg'].removeprefix('Value error, ')}{got}"
+    others = [error for error in errors if not _same_problem(error, first)]
+    more = {0: "", 1: " (and 1 more problem)"}.get(len(others), f" (and {len(others)} more problems)")
+    return message + more
+
+
+def _keys(location: tuple[Any, ...]) -> list[str]:
+    """The keys of an error's location; pydantic also names the union branch it tried
+    (``list[any]``, ``RandomPrompts``), which is no key of the file."""
+    return [str(part) for part in location if not (isinstance(part, str) and ("[" in part or part in _SPEC_MODELS))]
+
+
+def _same_problem(error: Any, first: Any) -> bool:
+    """Whether ``error`` follows from ``first``: another union branch failing on the same value, or
+    the key a misspelt one was meant to be, missing beside it."""
+    from loralab.config.diagnostics import did_you_mean
+
+    keys, first_keys = _keys(error["loc"]), _keys(first["loc"])
+    if error is first or (len(keys) < len(error["loc"]) and first_keys[: len(keys)] == keys):
+        return True
+    return (
+        first["type"] == "extra_forbidden" and error["type"] == "missing" and keys[:-1] == first_keys[:-1]
+        and bool(did_you_mean(first_keys[-1], keys[-1:]))
+    )  # fmt: skip
+
+
+def _keys_at(location: tuple[Any, ...]) -> list[str]:
+    """The keys the sweep file allows at ``location`` (a table inside it), for a did-you-mean hint."""
+    models: list[type[BaseModel]] = [SweepSpec]
+    for part in location:
+        if isinstance(part, str) and part in _SPEC_MODELS:  # a union branch names its model
+            models = [_SPEC_MODELS[part]]
+            continue
+        fields = [model.model_fields[part] for model in models if part in model.model_fields]
+        if fields:  # else a label of a table (a checkpoint's, a prompt set's): same models inside
+            models = [model for field in fields for model in _models_in(field.annotation)]
+    return sorted({name for model in models for name in model.model_fields})
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for argument in typing.get_args(annotation) for model in _models_in(argument)]
+
+
+# Models a sweep file's tables validate into, by the name pydantic gives a union branch.
+_SPEC_MODELS: dict[str, type[BaseModel]] = {
+    model.__name__: model
+    for model in (SweepSpec, BaselineSpec, EvaluationSpec, EvalCheckpoint, RandomPrompts, ScoringSpec)
+}
