@@ -524,6 +524,22 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert not (tmp_path / "o.toml").exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train"], "error: loralab train: the following arguments are required: config; see loralab train --help"),
+        (["cache", "data", "--vae-batch-size", "x"], "argument --vae-batch-size: invalid int value: 'x'"),
+        (["trian"], "invalid choice: 'trian'"),
+        (["plan", "c.toml", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_usage_errors_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err
+
+
 def test_cli_convert_keeps_existing_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     target = tmp_path / "out.toml"
     target.write_text("# mine\n")

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 from loralab import __version__
 from loralab.errors import LoralabError
@@ -18,8 +19,16 @@ from loralab.errors import LoralabError
 COMMAND_MODULES = ("plan", "prepare", "cache", "train", "generate", "config_cmd", "lora_cmd", "debug", "sweep", "report", "demo")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's parser, with a usage error as one ``error:`` line (like every other loralab
+    error) pointing at the command's ``--help`` instead of the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="loralab",
         description="Train, generate with, and compare LoRA adapters for SD1.x and SDXL.",
     )
