@@ -95,3 +95,24 @@ def test_the_switch_interval_is_short_while_reading_and_restored_after(checkpoin
         (entry,) = checkpoint_file._PREFETCHED.values()
         assert entry.take()
         assert sys.getswitchinterval() == before
+
+
+def test_overlapping_read_aheads_restore_the_interval_from_before_the_first(checkpoint, monkeypatch):
+    # A dropped read-ahead still runs to its end, so the next run's may start before it ends.
+    gates = {torch.float32: threading.Event(), torch.float16: threading.Event()}
+    original = CheckpointFile.read_from_file
+
+    def held_read(self, keys, dtype=None):
+        gates[dtype].wait(timeout=30)
+        return original(self, keys, dtype)
+
+    monkeypatch.setattr(CheckpointFile, "read_from_file", held_read)
+    before = sys.getswitchinterval()
+    with checkpoint_prefetch(checkpoint, torch.float32), checkpoint_prefetch(checkpoint, torch.float16):
+        first, second = checkpoint_file._PREFETCHED.values()
+        gates[torch.float32].set()
+        assert first.take()
+        assert sys.getswitchinterval() < before / 10  # the second one still reads
+        gates[torch.float16].set()
+        assert second.take()
+    assert sys.getswitchinterval() == before

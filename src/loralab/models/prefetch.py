@@ -35,6 +35,32 @@ def _model_prefixes(with_vae: bool) -> tuple[str, ...]:
 _READING_SWITCH_INTERVAL = 0.0002
 
 
+class _ShortSwitchInterval:
+    """The short switch interval while any reader runs; the interval from before the first one
+    comes back when the last one ends (read-aheads may overlap: a dropped one still finishes)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._readers = 0
+        self._original = sys.getswitchinterval()
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._readers == 0:
+                self._original = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._original, _READING_SWITCH_INTERVAL))
+            self._readers += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._readers -= 1
+            if self._readers == 0:
+                sys.setswitchinterval(self._original)
+
+
+_SHORT_SWITCH_INTERVAL = _ShortSwitchInterval()
+
+
 class _ReadAhead:
     """One checkpoint being read in a background thread; the tensors go to whoever takes them first."""
 
@@ -42,8 +68,7 @@ class _ReadAhead:
         self._done = threading.Event()
         self._tensors: dict[str, torch.Tensor] | None = None
         self._dropped = False
-        self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch_interval, _READING_SWITCH_INTERVAL))
+        _SHORT_SWITCH_INTERVAL.enter()
         threading.Thread(
             target=self._read, args=(path, dtype, prefixes), name="loralab-checkpoint-prefetch", daemon=True
         ).start()
@@ -57,7 +82,7 @@ class _ReadAhead:
         except Exception:  # noqa: BLE001 - the normal read reports the problem with its own message
             self._tensors = None
         finally:
-            sys.setswitchinterval(self._switch_interval)
+            _SHORT_SWITCH_INTERVAL.leave()
             self._done.set()
 
     def take(self) -> dict[str, torch.Tensor] | None:
