@@ -4,9 +4,11 @@ import and what they created is frozen afterwards; ``loralab train`` imports tha
 from __future__ import annotations
 
 import gc
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,8 +87,19 @@ def test_loralab_train_imports_with_the_collector_paused(tmp_path):
         "print(code, gc.get_freeze_count(), any(collections))\n"
     )  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORALAB_CACHE_DIR": str(tmp_path / "cache")}
+    spawned_at = time.time()
     printed = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     code, frozen, collected_while_importing = printed.stdout.split()
     assert code == "0"
     assert int(frozen) > 100_000
     assert collected_while_importing == "False"
+
+    # The manifest times the launch from the process's start, imports included, as a user sees it.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "logs"), size_guidance={"scalars": 0})
+    events.Reload()
+    first_step_seen = events.Scalars("loss/current")[0].wall_time - spawned_at
+    timings = json.loads((tmp_path / "run" / "manifest.json").read_text())["timings"]
+    assert first_step_seen - 0.3 < timings["launch_to_first_step_seconds"] <= first_step_seen + 0.05
+    assert timings["launch_to_first_step_seconds"] > timings["setup_seconds"] + 1.0  # the imports

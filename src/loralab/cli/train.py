@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so that `loralab --help` does not pay for torch and diffusers.
     with heavy_imports():
         from loralab.config.loading import load_config
-        from loralab.train.launch import launch_training
+        from loralab.train.launch import launch_training, process_started_at
 
     config = load_config(args.config, args.overrides)
     progress = "quiet" if args.quiet else "jsonl" if args.jsonl else "bar"
@@ -62,5 +62,6 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=progress,
         on_non_finite=args.on_non_finite,
+        launched_at=process_started_at(),
     )
     return 0

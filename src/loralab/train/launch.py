@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,21 @@ from loralab.models.prefetch import checkpoint_prefetch
 from loralab.train.precision import config_precision
 
 _DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def process_started_at() -> float | None:
+    """When this process started (Unix time), from the kernel's record of it: a command's launch
+    includes its imports, which run before any of its code can take the time. None where the
+    system does not say (only Linux's /proc is read)."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        # Field 22 (start time, in clock ticks after boot), counted after the ")" that ends the
+        # command name, which may itself hold spaces.
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        running = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return time.time() - running
 
 
 def _free_port() -> int:

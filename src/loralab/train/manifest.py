@@ -6,6 +6,11 @@ captions), a cheap identity of the base checkpoint and VAE, the seed, platform, 
 timings and final metrics. The manifest is rewritten atomically whenever the run's status
 changes (running, completed, interrupted, failed).
 
+**Timings.** ``setup_seconds``: from the ``train()`` call to the loop's start (model, LoRA, data,
+optimizer). ``launch_to_first_step_seconds`` and ``total_seconds``: from the launch, which for
+``loralab train`` is its process's start (imports included, as the user waits for them) and
+otherwise the ``train()`` call.
+
 **Base checkpoint hash.** Hashing a whole 2-7 GB checkpoint costs sd-scripts 10+ seconds per
 run, so the manifest records instead: size, modification time, A1111's old "model hash"
 (SHA-256 of the 64 KiB at offset 1 MiB, the value sd-scripts writes as ``ss_sd_model_hash``)

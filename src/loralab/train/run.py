@@ -98,6 +98,7 @@ def train(
     hooks: LoopHooks | None = None,
     on_non_finite: str = "stop",
     base_model: StableDiffusionComponents | None = None,
+    launched_at: float | None = None,
 ) -> RunResult:
     """Train a LoRA as ``config`` (a ``TrainConfig``) says, writing everything into ``run_dir``.
 
@@ -113,6 +114,8 @@ def train(
     ``base_model``: components of the config's base checkpoint already loaded (frozen, on the run's
     device, in its weight dtype) to train on instead of loading it; they are handed back as they
     were on every exit (see ``train.base_model``).
+    ``launched_at``: when the caller's launch began (``loralab train``: its process start), for the
+    manifest's ``launch_to_first_step_seconds``; default: this call.
 
     Raises ``ConfigError`` (bad settings, a run directory that already holds a run),
     ``CheckpointError`` (base model), ``DatasetError`` (data), ``LoraFileError``
@@ -121,7 +124,8 @@ def train(
     if progress not in PROGRESS_MODES:
         raise ConfigError(f"progress={progress!r} is unknown; use one of {', '.join(PROGRESS_MODES)}")
     policy = check_policy(on_non_finite)
-    launched_at = time.time()
+    called_at = time.time()
+    launched_at = launched_at or called_at
     sample_prompts = read_sample_prompts(config.sample_prompts)  # a bad prompt file fails before any loading
     run_dir = _resolve_run_dir(config, run_dir, resume)
     config = resolve_run_config(config, run_dir)
@@ -148,7 +152,7 @@ def train(
         totals = _plan_totals(plan, accelerator.num_processes)
         loss_recorder = LossRecorder()
         start, manifest = TrainingProgress(0, 0, 0), None
-        session_id, started_at = random.SystemRandom().randrange(2**31), launched_at
+        session_id, started_at = random.SystemRandom().randrange(2**31), called_at
         if resume is not None:
             restored = load_training_state(
                 run_dir / "state", trainable=network, optimizer=optimizer, lr_scheduler=lr_scheduler,
@@ -185,7 +189,7 @@ def train(
             stop=StopSignals(), start=start, loss_recorder=loss_recorder, hooks=hooks or LoopHooks(),
             on_non_finite=policy, data_workers=threads.data_loader_workers,
         )  # fmt: skip
-        setup_seconds = time.time() - launched_at
+        setup_seconds = time.time() - called_at
 
         outcome: LoopOutcome | None = None
         error: BaseException | None = None
