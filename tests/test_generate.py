@@ -350,6 +350,11 @@ def test_cli_generates_pngs_and_reports_bad_input_in_one_line(files, tmp_path: P
     bad_devices = {"foo": "'foo' is not a device name; use cpu, cuda or cuda:N"}
     if not torch.cuda.is_available():
         bad_devices["cuda"] = "sees no CUDA GPU here; use --device cpu"
+    # A run that fails before its first image leaves no folder behind; one that existed stays.
+    assert main([*common, "--prompt", "x <lora:nope:1>", "--out", str(tmp_path / "new")]) == 2
+    assert "'nope' is not a file" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    assert main([*common, "--prompt", "x <lora:nope:1>", "--out", str(out)]) == 2
+    assert "'nope' is not a file" in capsys.readouterr().err and len(list(out.glob("*.png"))) == 6
     (tmp_path / "a_file").write_text("x")
     assert main([*common, "--prompt", "x", "--out", str(tmp_path / "a_file" / "out")]) == 2
     err = capsys.readouterr().err

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loralab.cli.options import output_folder, resolve_device
+from loralab.cli.options import new_output_folder, resolve_device
 
 if TYPE_CHECKING:
     from loralab.sample.generator import GenerationEngine, ImageRequest
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else random_seed()
     started = time.perf_counter()
     engine = _engine(args)
-    with engine:
+    with engine, new_output_folder(args.out, "--out"):
         if is_xyz:
             if args.prompt_file:
                 from loralab.sample.prompt_file import read_prompt_file
@@ -173,7 +173,6 @@ def run(args: argparse.Namespace) -> int:
                     raise GenerationError("an X/Y/Z plot takes one prompt; use --prompt or a one-line --prompt-file")
                 template = template.with_prompt_line(prompt_lines[0])
             cells = plan_xyz(template, axes, seed, wildcards)
-            output_folder(args.out, "--out")
             result = render_xyz(engine, cells, axes, args.out, batch_size=args.batch)
             for path in result.grids:
                 print(f"grid: {path}")
@@ -181,7 +180,6 @@ def run(args: argparse.Namespace) -> int:
             count = len(result.images)
         else:
             requests = _plan(args, template, wildcards, seed)
-            output_folder(args.out, "--out")
             number = _next_number(args.out)
             count = 0
             for index, image in engine.iter_generate(requests, batch_size=args.batch):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -66,6 +67,21 @@ def output_folder(path: Path, option: str) -> Path:
     except OSError as exc:
         raise ConfigError(f"{option} {path}: cannot create that folder ({exc.strerror}); choose another {option}") from None
     return path
+
+
+@contextlib.contextmanager
+def new_output_folder(path: Path, option: str) -> Iterator[Path]:
+    """:func:`output_folder` for the block (made up front, so a bad ``option`` fails before any
+    work); a folder made here is removed again if the block fails before writing into it."""
+    existed = path.exists()
+    output_folder(path, option)
+    try:
+        yield path
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):  # not empty: what was written stays
+                path.rmdir()
+        raise
 
 
 def add_force_option(parser: argparse.ArgumentParser) -> None:
