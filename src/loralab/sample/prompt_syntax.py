@@ -81,12 +81,19 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
-def _float(text: str, what: str, tag: str) -> float:
+def _finite_number(text: str) -> float | None:
+    """``text`` as a float; None when it is not a number or not finite (``nan``, ``inf``, a number
+    too long for a float)."""
     try:
         value = float(text)
     except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _float(text: str, what: str, tag: str) -> float:
+    value = _finite_number(text)
+    if value is None:
         raise PromptSyntaxError(f"{what} {text!r} in {tag} is not a finite number; write e.g. <lora:name:0.8>")
     return value
 
@@ -179,11 +186,8 @@ def parse_prompt_attention(text: str) -> list[WeightedText]:
         elif kind == "open_square":
             open_square.append(len(pieces))
         elif kind == "weight" and open_round:
-            try:
-                multiplier = float(match.group("weight"))
-            except ValueError:
-                multiplier = math.nan
-            if not math.isfinite(multiplier):
+            multiplier = _finite_number(match.group("weight"))
+            if multiplier is None:
                 raise PromptSyntaxError(f"attention weight {match.group(0)!r} is not a finite number; write e.g. (word:1.2)")
             scale_from(open_round.pop(), multiplier)
         elif kind == "close_round" and open_round:

@@ -34,6 +34,7 @@ from typing import Any
 
 import tomli_w
 
+from loralab.config.diagnostics import did_you_mean
 from loralab.config.loading import apply_overrides, config_to_toml_values, load_config, write_text_atomic
 from loralab.config.optimizer_args import format_optimizer_arg_value, format_optimizer_args
 from loralab.config.schema import TrainConfig
@@ -180,12 +181,10 @@ def parse_axes(spec: SweepSpec) -> tuple[Axis, ...]:
             labelled = values.items() if isinstance(values, dict) else ((format_label(v), v) for v in values)
             variants = [Variant(str(label), {setting: value}) for label, value in labelled]
         else:
-            from loralab.config.diagnostics import did_you_mean
-
-            hint = did_you_mean(name, [*TrainConfig.model_fields, *SETTING_NAMES_EXTRA])
             raise SweepError(
-                f"{spec.source}: axis {name!r} is not a setting;{hint} an axis of values is named after a "
-                f"setting; any other name takes labelled groups, e.g. [axes.{name}] label = {{ setting = value }}"
+                f"{spec.source}: axis {name!r} is not a setting;{_setting_hint(name)} an axis of values is "
+                f"named after a setting; any other name takes labelled groups, e.g. "
+                f"[axes.{name}] label = {{ setting = value }}"
             )
         labels = [safe_name(variant.label) for variant in variants]
         duplicates = sorted({label for label in labels if labels.count(label) > 1})
@@ -220,11 +219,14 @@ def _group_overrides(spec: SweepSpec, axis: str, label: str, group: Any) -> dict
 def _setting(spec: SweepSpec, where: str, key: str) -> str:
     setting = canonical_setting(key)
     if setting is None:
-        from loralab.config.diagnostics import did_you_mean
-
-        hint = did_you_mean(key, [*TrainConfig.model_fields, *SETTING_NAMES_EXTRA])
-        raise SweepError(f"{spec.source}: {where}: {key!r} is not a setting;{hint or ' see loralab config --help'}")
+        hint = _setting_hint(key) or " see loralab config --help"
+        raise SweepError(f"{spec.source}: {where}: {key!r} is not a setting;{hint}")
     return setting
+
+
+def _setting_hint(key: str) -> str:
+    """``" did you mean 'x'?"`` for the setting closest to ``key``, or ``""``."""
+    return did_you_mean(key, [*TrainConfig.model_fields, *SETTING_NAMES_EXTRA])
 
 
 # ---------------------------------------------------------------------------------------------
