@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from loralab.cli.options import add_force_option
+from loralab.cli.options import add_force_option, check_output_file
 
 TINY_FAMILIES = ("sd15", "sd2v", "sdxl")
 FORMATS = ("single-file", "diffusers")
@@ -45,7 +45,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_make_tiny(args: argparse.Namespace) -> int:
-    from loralab.cli.options import check_output_file
     from loralab.errors import ConfigError
     from loralab.models.tiny import make_tiny
 

@@ -357,7 +357,9 @@ def load_vae(
         vae_keys = [k for k in keys if k.startswith(prefix) and k[len(prefix) :].startswith(parts)]
         if not any(k[len(prefix) :].startswith("encoder.down.") for k in vae_keys):
             if is_lora_keys(keys):
-                raise CheckpointError(f"{path} is a LoRA file, not a VAE; give a VAE here and apply the LoRA on top of the checkpoint")
+                raise CheckpointError(
+                    f"{path} is a LoRA file, not a VAE; give a VAE here and apply the LoRA on top of the checkpoint"
+                )
             if any(k.startswith("encoder.down_blocks.") for k in keys):
                 raise CheckpointError(f"{path} holds diffusers VAE weights; pass the folder with its config.json")
             raise CheckpointError(f"{path} is not a VAE: no VAE encoder weights (encoder.down.*) found")

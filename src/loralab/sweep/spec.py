@@ -50,6 +50,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from loralab.config.diagnostics import did_you_mean
 from loralab.config.schema import TrainConfig
 from loralab.errors import LoralabError
 
@@ -305,8 +306,6 @@ def parse_sweep(text: str, source: Path) -> SweepSpec:
 
 def _validation_message(exc: ValidationError) -> str:
     """pydantic's errors as one line: the key, what is wrong, and what to write instead."""
-    from loralab.config.diagnostics import did_you_mean
-
     errors = exc.errors(include_url=False)
     # A misspelt key also leaves the key it should have been missing: the unknown key explains both.
     first = next((error for error in errors if error["type"] == "extra_forbidden"), errors[0])
@@ -340,8 +339,6 @@ def _keys(location: tuple[Any, ...]) -> list[str]:
 def _same_problem(error: Any, first: Any) -> bool:
     """Whether ``error`` follows from ``first``: another union branch failing on the same value, or
     the key a misspelt one was meant to be, missing beside it."""
-    from loralab.config.diagnostics import did_you_mean
-
     keys, first_keys = _keys(error["loc"]), _keys(first["loc"])
     if error is first or (len(keys) < len(error["loc"]) and first_keys[: len(keys)] == keys):
         return True

@@ -125,7 +125,8 @@ def train(
         raise ConfigError(f"progress={progress!r} is unknown; use one of {', '.join(PROGRESS_MODES)}")
     policy = check_policy(on_non_finite)
     called_at = time.time()
-    launched_at = launched_at or called_at
+    if launched_at is None:
+        launched_at = called_at
     sample_prompts = read_sample_prompts(config.sample_prompts)  # a bad prompt file fails before any loading
     run_dir = _resolve_run_dir(config, run_dir, resume)
     config = resolve_run_config(config, run_dir)
