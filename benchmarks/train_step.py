@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How close ``loralab train`` runs to the bare compute floor of a LoRA training step.
 
-Usage: ``python benchmarks/train_step.py [--full] [--steps N] [--repeats R] [--threads T]``
+Usage: ``python benchmarks/train_step.py [--full] [--steps N] [--small-steps N] [--repeats R] [--threads T]``
 
 For a tiny and a medium SD1-layout model (random weights, written as single-file checkpoints)
 it trains with ``loralab.train.run.train`` and, in the same process, times the floor: the same
@@ -325,7 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="also benchmark a random full-size SD1.5 (~2 GB file, ~7 GB RAM)")
     parser.add_argument("--checkpoint", type=Path, help="full-size SD1.5 checkpoint to use instead of writing one")
-    parser.add_argument("--steps", type=int, default=12, help="training steps per run (the first two are warm-up)")
+    parser.add_argument("--steps", type=int, default=12, help="training steps per full-size run (the first two are warm-up)")
+    # A tiny step is tens of milliseconds, so one interrupted step moves a short run's median by
+    # percents; forty steps a run cost seconds and settle it.
+    parser.add_argument("--small-steps", type=int, default=42, help="training steps per tiny/medium run (the first two are warm-up)")
     parser.add_argument("--repeats", type=int, default=8, help="timed floor steps per round (full size)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank of the tiny/medium runs")
@@ -341,11 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="loralab-bench-") as folder:
         work = Path(folder)
         os.environ["LORALAB_CACHE_DIR"] = str(work / "cache")
-        print(f"torch {torch.__version__}, {args.threads} threads; tiny/medium: {args.rounds} runs x {args.steps - 2} "
+        print(f"torch {torch.__version__}, {args.threads} threads; tiny/medium: {args.rounds} runs x {args.small_steps - 2} "
               f"steps, each followed by a floor step; full size: {args.rounds} CLI runs x {args.steps - 2} steps "
               f"alternating with {args.repeats} floor steps in a child process")
         for spec in () if args.skip_small else (TINY, MEDIUM):
-            compare(spec, work, args.steps, args.threads, args.rank, args.rounds)
+            compare(spec, work, args.small_steps, args.threads, args.rank, args.rounds)
         if args.full:
             full_size(work, args.checkpoint, args.steps, args.repeats, args.threads, args.rounds)
     return 0
