@@ -13,7 +13,7 @@ import torch
 from loralab.models import checkpoint_file
 from loralab.models.checkpoint_file import CheckpointFile, discard_prefetched
 from loralab.models.loading import load_checkpoint
-from loralab.models.prefetch import checkpoint_prefetch
+from loralab.models.prefetch import checkpoint_prefetch, use_one_core_in_this_thread
 from loralab.models.tiny import make_tiny
 from loralab.sweep.model_pool import frozen_digest
 
@@ -116,3 +116,40 @@ def test_overlapping_read_aheads_restore_the_interval_from_before_the_first(chec
         gates[torch.float16].set()
         assert second.take()
     assert sys.getswitchinterval() == before
+
+
+def _in_new_thread(work):
+    result = []
+    thread = threading.Thread(target=lambda: result.append(work()))
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+@pytest.fixture
+def two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_one_core_for_a_thread_leaves_the_others_their_thread_count(two_threads):
+    assert _in_new_thread(lambda: (use_one_core_in_this_thread(), torch.get_num_threads())) == (True, 1)
+    assert torch.get_num_threads() == 2
+    assert _in_new_thread(torch.get_num_threads) == 2
+
+
+def test_the_read_ahead_casts_on_one_core(checkpoint, monkeypatch, two_threads):
+    counts: dict[str, set[int]] = {}
+    original = CheckpointFile._read_one
+
+    def recording(self, key, dtype):
+        counts.setdefault(threading.current_thread().name, set()).add(torch.get_num_threads())
+        return original(self, key, dtype)
+
+    monkeypatch.setattr(CheckpointFile, "_read_one", recording)
+    with checkpoint_prefetch(checkpoint, torch.float32):
+        load_checkpoint(checkpoint)
+    assert counts == {"loralab-checkpoint-prefetch": {1}}
+    assert torch.get_num_threads() == 2

@@ -3,14 +3,16 @@
 Starting ``loralab train`` spends seconds importing diffusers and transformers (pure Python, under
 the GIL) and seconds reading and casting the checkpoint (file reads and tensor copies, which
 release the GIL). :func:`checkpoint_prefetch` starts the second before the first, so on two or
-more cores they overlap; :meth:`CheckpointFile.read` then takes the tensors instead of reading
-them again. The tensors are exactly what the read would give (same reader, same cast). Only the
-UNet, VAE and text-encoder tensors of a single-file safetensors checkpoint are read ahead; any
-failure leaves the normal read to load (and report) as if nothing had been read.
+more cores they overlap (the reading thread keeps to one core, leaving the imports theirs);
+:meth:`CheckpointFile.read` then takes the tensors instead of reading them again. The tensors
+are exactly what the read would give (same reader, same cast). Only the UNet, VAE and
+text-encoder tensors of a single-file safetensors checkpoint are read ahead; any failure leaves
+the normal read to load (and report) as if nothing had been read.
 """
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import threading
 from collections.abc import Iterator
@@ -61,6 +63,25 @@ class _ShortSwitchInterval:
 _SHORT_SWITCH_INTERVAL = _ShortSwitchInterval()
 
 
+def use_one_core_in_this_thread() -> bool:
+    """Let this thread's tensor operations run on one core; other threads keep theirs.
+
+    The read-ahead's casts would otherwise split over every core torch uses, taking the core the
+    imports run on: measured on two cores, the imports then took as long as importing and reading
+    one after the other. ``torch.set_num_threads`` is process-wide, but the OpenMP thread count is
+    per thread; torch sets a thread's count from its own setting on the thread's first parallel
+    operation (``get_num_threads`` makes that happen), after which this thread's count is set
+    alone. Returns False, changing nothing, where torch's OpenMP runtime cannot be reached.
+    """
+    torch.get_num_threads()
+    try:
+        set_thread_count = ctypes.CDLL(None).omp_set_num_threads
+    except (AttributeError, OSError, TypeError):  # no OpenMP symbols in the process (or no dlopen(NULL))
+        return False
+    set_thread_count(1)
+    return torch.get_num_threads() == 1
+
+
 class _ReadAhead:
     """One checkpoint being read in a background thread; the tensors go to whoever takes them first."""
 
@@ -74,6 +95,7 @@ class _ReadAhead:
         ).start()
 
     def _read(self, path: Path, dtype: torch.dtype, prefixes: tuple[str, ...]) -> None:
+        use_one_core_in_this_thread()
         try:
             with CheckpointFile(path) as checkpoint:
                 tensors = checkpoint.read_from_file([k for k in checkpoint.keys() if k.startswith(prefixes)], dtype)
