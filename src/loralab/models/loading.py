@@ -298,12 +298,30 @@ def _pretrained(cls: Any, folder: Path, subfolder: str, dtype: torch.dtype) -> A
     variant = "fp16" if files and all(".fp16." in name for name in files) else None
     dtype_arg = {"torch_dtype": dtype} if cls in (UNet2DConditionModel, AutoencoderKL) else {"dtype": dtype}
     try:
-        return cls.from_pretrained(
+        model = cls.from_pretrained(
             str(folder), subfolder=subfolder, local_files_only=True, variant=variant, **dtype_arg
         )
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"cannot load {subfolder} from diffusers folder {folder}: {first[:160]}") from None
+    return _in_aligned_memory(model)
+
+
+_ALIGNMENT = 64  # bytes: how torch aligns the CPU memory it allocates
+
+
+def _in_aligned_memory(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every tensor at an address aligned as torch allocates.
+
+    ``from_pretrained`` can leave tensors at any 8-byte offset of the files it read; some CPU
+    kernels take other paths for such addresses, and the same weights loaded from a folder and
+    from a single file predicted differently in the last bits (AVX-512 machines).
+    """
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.device.type == "cpu" and tensor.data_ptr() % _ALIGNMENT:
+                tensor.data = tensor.data.clone()
+    return model
 
 
 def _load_diffusers_folder(
