@@ -108,6 +108,14 @@ def test_single_file_and_diffusers_folder_load_the_same_model(tiny, loaded):
     assert not torch.allclose(_denoise_once(other)[0], pred_a)
 
 
+def test_a_diffusers_folder_loads_into_aligned_memory(loaded):
+    # diffusers leaves tensors at the file's 8-byte offsets; CPU kernels may then compute otherwise.
+    for components in loaded:
+        modules = (components.unet, components.vae, *components.text_encoders)
+        tensors = [t for module in modules for t in (*module.parameters(), *module.buffers())]
+        assert [t.data_ptr() % 64 for t in tensors] == [0] * len(tensors)
+
+
 def test_diffusers_own_single_file_reader_round_trips_our_files(tiny, loaded):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
