@@ -24,7 +24,7 @@ from loralab.train.conditioning import (
     sdxl_time_ids,
     tokenize_captions,
 )
-from loralab.train.loop import clip_gradients
+from loralab.train.loop import GradientClipper
 from loralab.train.loss_weighting import LossWeighting, scaled_linear_alphas_cumprod
 from loralab.train.noise import (
     ForwardDiffusion,
@@ -801,7 +801,7 @@ def _truncate(path):
 
 @pytest.mark.parametrize("gradient_scale", [1e-3, 10.0])  # below and above max_norm
 @pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float32, torch.float64)])
-def test_clip_gradients_equals_torch_clip_grad_norm(gradient_scale, dtypes):
+def test_gradient_clipping_equals_torch_clip_grad_norm(gradient_scale, dtypes):
     generator = torch.Generator().manual_seed(0)
     shapes = [(4, 8), (16,), (3, 3, 2, 2), (1, 5)] * 6
     ours = [torch.nn.Parameter(torch.zeros(shape, dtype=dtypes[i % len(dtypes)])) for i, shape in enumerate(shapes)]
@@ -810,7 +810,7 @@ def test_clip_gradients_equals_torch_clip_grad_norm(gradient_scale, dtypes):
         gradient = torch.randn(mine.shape, generator=generator, dtype=torch.float64).to(mine.dtype) * gradient_scale
         mine.grad, theirs.grad = gradient.clone(), gradient.clone()
     ours[3].grad = reference[3].grad = None  # a parameter without a gradient is left out
-    clip_gradients(ours, 1.0)
+    GradientClipper(ours, 1.0)()
     torch.nn.utils.clip_grad_norm_(reference, 1.0, foreach=True)
     assert all(
         (mine.grad is None and theirs.grad is None) or torch.equal(mine.grad, theirs.grad)

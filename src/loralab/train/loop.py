@@ -170,6 +170,7 @@ def train_loop(s: TrainingSession) -> LoopOutcome:
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     diffusion = ForwardDiffusion(alphas_cumprod)
     trainable = s.text_encoder_params + s.unet_params
+    clip_gradients = GradientClipper(trainable, config.max_grad_norm) if config.max_grad_norm else None
     accumulation = config.gradient_accumulation_steps
     saves = Cadence(config.save_every_n_epochs, config.save_every_n_steps)
     samples = Cadence(config.sample_every_n_epochs, config.sample_every_n_steps)
@@ -276,8 +277,8 @@ def train_loop(s: TrainingSession) -> LoopOutcome:
                 if s.grad_scaler is not None:
                     s.grad_scaler.unscale_(s.optimizer)
                 # 11. Clip, then step (the scaler skips steps whose fp16 gradients overflowed).
-                if config.max_grad_norm:
-                    clip_gradients(trainable, config.max_grad_norm)
+                if clip_gradients is not None:
+                    clip_gradients()
                 if s.grad_scaler is not None:
                     s.grad_scaler.step(s.optimizer)
                     s.grad_scaler.update()
@@ -413,21 +414,32 @@ def _sum_gradients_over_processes(acc: Any, params: list[torch.nn.Parameter]) ->
         offset += count
 
 
-def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> None:
-    """``torch.nn.utils.clip_grad_norm_`` (same norm, same coefficient, same result) without its
-    per-tensor Python work: a LoRA has hundreds of small gradients, and on a CPU moving each
-    one's norm separately cost more than computing the norms."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    if len({(grad.device, grad.dtype) for grad in grads}) > 1:
-        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        return
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    if grads[0].device.type == "cpu" and coefficient.item() == 1.0:
-        return  # a factor of exactly 1 changes nothing (on a GPU the check would cost a sync)
-    torch._foreach_mul_(grads, coefficient)
+class GradientClipper:
+    """``torch.nn.utils.clip_grad_norm_`` (same norm, same coefficient, same result) for a run's
+    trainable parameters, without its per-tensor Python work: a LoRA has hundreds of small
+    gradients, and on a CPU moving each one's norm separately cost more than computing the norms.
+    What the parameters are (devices, dtypes) is read once: it does not change during a run, and
+    reading it every step cost as much as the norms."""
+
+    def __init__(self, params: list[torch.nn.Parameter], max_norm: float) -> None:
+        self.params, self.max_norm = params, max_norm
+        kinds = {(param.device, param.dtype) for param in params}
+        self._one_kind = len(kinds) == 1
+        # A factor of exactly 1 changes nothing; checking for it costs a GPU a sync, a CPU nothing.
+        self._skip_factor_one = self._one_kind and next(iter(kinds))[0].type == "cpu"
+
+    def __call__(self) -> None:
+        grads = [grad for param in self.params if (grad := param.grad) is not None]
+        if not grads:
+            return
+        if not self._one_kind:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+            return
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        coefficient = torch.clamp(self.max_norm / (total + 1e-6), max=1.0)
+        if self._skip_factor_one and coefficient.item() == 1.0:
+            return
+        torch._foreach_mul_(grads, coefficient)
 
 
 def _sum_over_processes(acc: Any, values: list[float]) -> list[float]:
