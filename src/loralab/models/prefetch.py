@@ -95,8 +95,8 @@ class _ReadAhead:
         ).start()
 
     def _read(self, path: Path, dtype: torch.dtype, prefixes: tuple[str, ...]) -> None:
-        use_one_core_in_this_thread()
         try:
+            use_one_core_in_this_thread()
             with CheckpointFile(path) as checkpoint:
                 tensors = checkpoint.read_from_file([k for k in checkpoint.keys() if k.startswith(prefixes)], dtype)
             if not self._dropped:
