@@ -24,7 +24,7 @@ from loralab.train.conditioning import (
     sdxl_time_ids,
     tokenize_captions,
 )
-from loralab.train.loop import GradientClipper
+from loralab.train.gradient_clipping import GradientClipper
 from loralab.train.loss_weighting import LossWeighting, scaled_linear_alphas_cumprod
 from loralab.train.noise import (
     ForwardDiffusion,
@@ -800,10 +800,11 @@ def _truncate(path):
 
 
 @pytest.mark.parametrize("gradient_scale", [1e-3, 10.0])  # below and above max_norm
-@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float32, torch.float64)])
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float16,), (torch.float32, torch.float64)])
 def test_gradient_clipping_equals_torch_clip_grad_norm(gradient_scale, dtypes):
     generator = torch.Generator().manual_seed(0)
-    shapes = [(4, 8), (16,), (3, 3, 2, 2), (1, 5)] * 6
+    # Small gradients share one norm on a CPU, large ones (over GATHERED_MAX_ELEMENTS) keep their own.
+    shapes = [(4, 8), (16,), (3, 3, 2, 2), (1, 5), (80, 64)] * 6
     ours = [torch.nn.Parameter(torch.zeros(shape, dtype=dtypes[i % len(dtypes)])) for i, shape in enumerate(shapes)]
     reference = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     for mine, theirs in zip(ours, reference):
@@ -812,9 +813,11 @@ def test_gradient_clipping_equals_torch_clip_grad_norm(gradient_scale, dtypes):
     ours[3].grad = reference[3].grad = None  # a parameter without a gradient is left out
     GradientClipper(ours, 1.0)()
     torch.nn.utils.clip_grad_norm_(reference, 1.0, foreach=True)
-    assert all(
-        (mine.grad is None and theirs.grad is None) or torch.equal(mine.grad, theirs.grad)
-        for mine, theirs in zip(ours, reference)
-    )
+    # The same norm summed in another order: equal to rounding (bit-equal where torch's own call runs).
+    for mine, theirs in zip(ours, reference):
+        assert (mine.grad is None) == (theirs.grad is None)
+        if mine.grad is not None:
+            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-6 if mine.dtype != torch.float16 else 1e-3, atol=0)
+            assert len(dtypes) == 1 or torch.equal(mine.grad, theirs.grad)
     total = torch.linalg.vector_norm(torch.stack([p.grad.double().norm() for p in ours if p.grad is not None]))
     assert total <= 1.0 + 1e-5 if gradient_scale > 1 else total < 1.0

@@ -47,6 +47,7 @@ from loralab.network.lora import LoRANetwork
 from loralab.plan.planner import Plan
 from loralab.train.conditioning import TextConditioning, effective_clip_skip, encode_text, tokenize_captions
 from loralab.train.faults import NonFiniteLossError, StopSignals, non_finite_message
+from loralab.train.gradient_clipping import GradientClipper
 from loralab.train.loss_weighting import LossWeighting
 from loralab.train.noise import ForwardDiffusion, NoiseSettings, draw_noise_and_timesteps
 from loralab.train.optimizer_setup import d_times_lr, group_lrs
@@ -412,34 +413,6 @@ def _sum_gradients_over_processes(acc: Any, params: list[torch.nn.Parameter]) ->
         count = param.numel()
         param.grad = flat[offset : offset + count].view_as(param).to(param.dtype)
         offset += count
-
-
-class GradientClipper:
-    """``torch.nn.utils.clip_grad_norm_`` (same norm, same coefficient, same result) for a run's
-    trainable parameters, without its per-tensor Python work: a LoRA has hundreds of small
-    gradients, and on a CPU moving each one's norm separately cost more than computing the norms.
-    What the parameters are (devices, dtypes) is read once: it does not change during a run, and
-    reading it every step cost as much as the norms."""
-
-    def __init__(self, params: list[torch.nn.Parameter], max_norm: float) -> None:
-        self.params, self.max_norm = params, max_norm
-        kinds = {(param.device, param.dtype) for param in params}
-        self._one_kind = len(kinds) == 1
-        # A factor of exactly 1 changes nothing; checking for it costs a GPU a sync, a CPU nothing.
-        self._skip_factor_one = self._one_kind and next(iter(kinds))[0].type == "cpu"
-
-    def __call__(self) -> None:
-        grads = [grad for param in self.params if (grad := param.grad) is not None]
-        if not grads:
-            return
-        if not self._one_kind:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
-            return
-        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        coefficient = torch.clamp(self.max_norm / (total + 1e-6), max=1.0)
-        if self._skip_factor_one and coefficient.item() == 1.0:
-            return
-        torch._foreach_mul_(grads, coefficient)
 
 
 def _sum_over_processes(acc: Any, values: list[float]) -> list[float]:
