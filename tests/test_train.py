@@ -192,6 +192,32 @@ def test_skip_policy_drops_only_the_non_finite_step(workspace, tmp_path):
     assert [step for step, _ in logged["lr/unet"]] == [1, 2, 3, 4]
 
 
+def _gradient_norms_stepped(config, run_dir: Path) -> list[float]:
+    """The global L2 norm of the LoRA gradients each optimizer step of a run steps with."""
+    norms: list[float] = []
+
+    def on_start(session) -> None:
+        params = session.text_encoder_params + session.unet_params
+
+        def record(*_: object) -> None:
+            grads = [p.grad.double() for p in params if p.grad is not None]
+            norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+        session.optimizer.register_step_pre_hook(record)
+
+    train(config, run_dir=run_dir, progress="quiet", hooks=LoopHooks(on_start=on_start))
+    return norms
+
+
+def test_max_grad_norm_clips_the_gradients_the_optimizer_steps_with(workspace, tmp_path):
+    free = _gradient_norms_stepped(tiny_config(workspace.checkpoint, workspace.single, max_grad_norm=0.0), tmp_path / "free")
+    limit = min(free) / 4
+    clipped_config = tiny_config(workspace.checkpoint, workspace.single, max_grad_norm=limit)
+    clipped = _gradient_norms_stepped(clipped_config, tmp_path / "clipped")
+    assert len(free) == len(clipped) == 4
+    assert clipped == pytest.approx([limit] * 4, rel=1e-4)
+
+
 def test_a_run_directory_holding_a_run_is_refused(workspace, tmp_path):
     config = tiny_config(workspace.checkpoint, workspace.single)
     (tmp_path / "manifest.json").write_text("{}")

@@ -1,10 +1,11 @@
 """``max_grad_norm``: the step's gradients scaled down so that their global L2 norm is at most
 the limit, as ``torch.nn.utils.clip_grad_norm_`` (what sd-scripts calls through accelerate).
 
-A LoRA has hundreds of small gradients (a tiny model's 120 average 200 elements). On a GPU
-torch's multi-tensor kernels handle them at once, and clipping is torch's own call. On a CPU
-each tensor is its own kernel whose dispatch costs more than its arithmetic, so the small
-gradients are gathered into one buffer and take one norm; large ones keep their own.
+A LoRA has hundreds of small gradients (SD1.5's rank-4 LoRA: 528, two thirds of them under
+4096 elements). On a GPU torch's multi-tensor kernels handle them at once, and clipping is
+torch's own call. On a CPU each tensor is its own kernel whose dispatch costs more than its
+arithmetic, so the small gradients are gathered into one buffer and take one norm; large ones
+keep their own.
 """
 
 from __future__ import annotations
